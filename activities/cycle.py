@@ -1,0 +1,505 @@
+"""The replication cycle as activities: start -> freeze -> begin -> stream ->
+verify sample -> commit -> release -> retention.
+
+Every activity is idempotent for its input, so Temporal may retry any of them after
+a worker dies. The stream activity heartbeats its durable offset and the path of
+its partial manifest; a retried attempt resumes from there instead of copying the
+disk again.
+
+Blocking work (libvirt, qemu-img, the C streamer, the catalog) runs in threads
+(``asyncio.to_thread``) so the worker's event loop keeps heartbeating; the C
+streamer releases the GIL for the whole copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import random
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+import blockstream
+from activities.context import ActivityContext, permanent
+from connectors.base import Busy, ChangeSet, PermanentError
+from transcend import retention as retention_rules
+from transcend.api import (
+    AbortInput,
+    BeginInput,
+    CommitInput,
+    CycleContext,
+    CycleInput,
+    CycleRecordInput,
+    FreezeResult,
+    ReleaseInput,
+    RetentionResult,
+    StreamInput,
+    StreamResult,
+    VerifySampleInput,
+    VerifySampleResult,
+)
+from transcend.catalog import CycleRecord, NotFoundError
+from transcend.config import site_task_queue
+from transcend.models import (
+    ChangeKind,
+    FreezeOptions,
+    FrozenHandle,
+    PointDisk,
+    PointMeta,
+    ProtectionState,
+    RecoveryPoint,
+    StagingHandle,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY = 2.0
+
+
+def _manifest_path(home: Path, protection: str, cycle_id: str, disk: str) -> Path:
+    return home / "work" / protection / cycle_id / f"{disk.replace('/', '%2F')}.manifest"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def resize_manifest(manifest: bytearray, disk_size: int, block_size: int) -> bytearray:
+    """Grow (or shrink) a manifest to a new disk size; new blocks are zero blocks."""
+    want = blockstream.manifest_size(disk_size, block_size)
+    zero = blockstream.zero_manifest(disk_size, block_size)
+    if len(manifest) == want:
+        # The last block's hash depends on its length: recompute if the size changed
+        # within the last block. Same length and same size: nothing to do.
+        return manifest
+    keep = min(len(manifest), want) - blockstream.HASH_SIZE  # last old block may be partial
+    out = bytearray(zero)
+    if keep > 0:
+        out[:keep] = manifest[:keep]
+    return out
+
+
+class CycleActivities:
+    def __init__(self, ctx: ActivityContext) -> None:
+        self.ctx = ctx
+
+    # ------------------------------------------------------------------ start
+
+    @activity.defn(name="cycle.start")
+    async def start(self, inp: CycleInput) -> CycleContext:
+        return await asyncio.to_thread(self._start, inp)
+
+    def _start(self, inp: CycleInput) -> CycleContext:
+        cat = self.ctx.catalog
+        with permanent():
+            rec = cat.get_protection(inp.protection)
+            source_info = cat.get_platform(rec.spec.source_platform)
+            target_info = cat.get_platform(rec.spec.target_platform)
+            source = self.ctx.source(source_info.name)
+            # Refresh the VM's shape: a grown or added disk must exist on the replica
+            # before anything is written to it.
+            workloads = [source.workload(w.ref.id) for w in rec.workloads]
+        cat.update_workloads(inp.protection, workloads)
+        started = datetime.now(UTC)
+        info = activity.info()
+        run_id = info.workflow_run_id or info.workflow_id or "local"
+        return CycleContext(
+            protection=inp.protection,
+            cycle_id=run_id[:8] + "-" + started.strftime("%Y%m%dT%H%M%SZ"),
+            source=source_info,
+            target=target_info,
+            source_queue=site_task_queue(source_info.site),
+            target_queue=site_task_queue(target_info.site),
+            workloads=workloads,
+            policy=rec.spec.policy,
+            last_point=cat.latest_point(inp.protection),
+            state=rec.state,
+            force_resync=inp.force_resync,
+            started_at=started,
+        )
+
+    @activity.defn(name="target.prepare")
+    async def prepare(self, ctx: CycleContext) -> None:
+        def run() -> None:
+            with permanent():
+                target = self.ctx.target(ctx.target.name)
+                target.prepare(ctx.protection, [d for w in ctx.workloads for d in w.disks])
+
+        await asyncio.to_thread(run)
+
+    # ------------------------------------------------------------------ freeze
+
+    @activity.defn(name="source.freeze")
+    async def freeze(self, ctx: CycleContext) -> FreezeResult:
+        return await asyncio.to_thread(self._freeze, ctx)
+
+    def _freeze(self, ctx: CycleContext) -> FreezeResult:
+        source = self.ctx.source(ctx.source.name)
+        since = self.ctx.catalog.checkpoints(ctx.protection)
+        with permanent():
+            frozen = source.freeze(
+                ctx.protection, ctx.cycle_id, ctx.workloads, since,
+                FreezeOptions(force_resync=ctx.force_resync),
+            )
+        handle = frozen.handle
+        # A disk the replica already holds but the source has no checkpoint for (the
+        # catalog lost it, a disk was re-added) cannot be copied as FULL: FULL copies
+        # only allocated extents over the previous layer and would leave stale data
+        # where the source is now empty. Resync compares every block instead.
+        last_disks = {d.disk for d in ctx.last_point.disks} if ctx.last_point else set()
+        for disk in handle.disks:
+            if handle.kinds[disk.id] == ChangeKind.FULL and disk.id in last_disks:
+                handle.kinds[disk.id] = ChangeKind.RESYNC
+                handle.reasons[disk.id] = "no source checkpoint for a disk the replica holds"
+        summaries = [frozen.changes(d.id).summary for d in handle.disks]
+        return FreezeResult(frozen=handle, changes=summaries)
+
+    # ------------------------------------------------------------------ staging
+
+    @activity.defn(name="target.begin")
+    async def begin(self, inp: BeginInput) -> StagingHandle:
+        def run() -> StagingHandle:
+            target = self.ctx.target(inp.ctx.target.name)
+            with permanent():
+                staging = target.begin(
+                    inp.ctx.protection, inp.ctx.cycle_id, inp.disks, inp.ctx.last_point
+                )
+            return staging.handle
+
+        return await asyncio.to_thread(run)
+
+    @activity.defn(name="target.abort")
+    async def abort(self, inp: AbortInput) -> None:
+        def run() -> None:
+            self.ctx.target(inp.ctx.target.name).resume(inp.staging).abort()
+
+        await asyncio.to_thread(run)
+
+    # ------------------------------------------------------------------ stream
+
+    @activity.defn(name="stream.disk")
+    async def stream(self, inp: StreamInput) -> StreamResult:
+        info = activity.info()
+        resume_from = 0
+        if info.heartbeat_details:
+            details = info.heartbeat_details[0]
+            if isinstance(details, dict):
+                resume_from = int(details.get("durable_offset", 0))
+        prepared = await asyncio.to_thread(self._prepare_stream, inp, resume_from)
+        stream, manifest, original, mpath, changes, resume_from = prepared
+        started = time.monotonic()
+        task = asyncio.create_task(asyncio.to_thread(stream.run))
+        saved_at = resume_from
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
+                p = stream.progress()
+                durable = p.durable_offset - p.durable_offset % inp.block_size
+                if durable > saved_at:
+                    await asyncio.to_thread(
+                        self._save_partial, mpath, manifest, original, durable, inp.block_size
+                    )
+                    saved_at = durable
+                activity.heartbeat(_progress_details(p, saved_at, started))
+            final = task.result()
+        except asyncio.CancelledError:
+            stream.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        except blockstream.BlockstreamError as e:
+            # Keep what is durable; Temporal retries and the next attempt resumes.
+            p = stream.progress()
+            durable = p.durable_offset - p.durable_offset % inp.block_size
+            if durable > saved_at:
+                self._save_partial(mpath, manifest, original, durable, inp.block_size)
+                activity.heartbeat(_progress_details(p, durable, started))
+            raise ApplicationError(
+                f"copying disk {inp.disk} failed at {e}", type="StreamError"
+            ) from e
+        await asyncio.to_thread(_write_atomic, mpath, bytes(manifest))
+        return StreamResult(
+            disk=inp.disk,
+            kind=changes.summary.kind,
+            bytes_read=final.bytes_read,
+            bytes_written=final.bytes_written,
+            bytes_zero=final.bytes_zero,
+            bytes_skipped=final.bytes_skipped,
+            bytes_total=final.bytes_total,
+            seconds=time.monotonic() - started,
+            resumed_from=resume_from,
+            manifest_file=str(mpath),
+        )
+
+    def _prepare_stream(
+        self, inp: StreamInput, resume_from: int
+    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int]:
+        source = self.ctx.source(inp.ctx.source.name)
+        frozen = source.reopen(inp.frozen)
+        changes = frozen.changes(inp.disk)
+        src = frozen.export(inp.disk)
+        staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
+        dst = staging.endpoint(inp.disk)
+        disk_size = src.size
+        mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id, inp.disk)
+        kind = changes.summary.kind
+        original = self._base_manifest(inp, kind, disk_size)
+        manifest = bytearray(original)
+        partial = mpath.with_name(mpath.name + ".partial")
+        if resume_from and partial.exists() and len(partial.read_bytes()) == len(original):
+            manifest = bytearray(partial.read_bytes())
+        else:
+            resume_from = 0
+        extents = [blockstream.Extent(e.offset, e.length, e.zero) for e in changes.extents]
+        stream = blockstream.Stream(
+            src.uri,
+            dst.uri,
+            extents,
+            disk_size=disk_size,
+            manifest=manifest,
+            block_size=inp.block_size,
+            compare=kind == ChangeKind.RESYNC,
+            connections=inp.ctx.policy.connections,
+            rate_limit=inp.ctx.policy.bandwidth_bytes_per_s,
+            start_offset=resume_from,
+            flush_interval=64 << 20,
+        )
+        return stream, manifest, original, mpath, changes, resume_from
+
+    def _base_manifest(self, inp: StreamInput, kind: ChangeKind, disk_size: int) -> bytes:
+        """The manifest the copy starts from: the previous point's (the copy updates
+        the blocks it touches) or all zero blocks for a disk seen the first time."""
+        last = inp.ctx.last_point
+        if kind != ChangeKind.FULL and last and any(d.disk == inp.disk for d in last.disks):
+            packed = self.ctx.catalog.manifest(last.id, inp.disk)
+            manifest, header = blockstream.unpack_manifest(packed)
+            if header.get("block_size") != inp.block_size:
+                raise ApplicationError(
+                    f"point {last.id} uses block size {header.get('block_size')}, "
+                    f"this cycle {inp.block_size}",
+                    non_retryable=True,
+                )
+            return bytes(resize_manifest(manifest, disk_size, inp.block_size))
+        return bytes(blockstream.zero_manifest(disk_size, inp.block_size))
+
+    @staticmethod
+    def _save_partial(
+        path: Path, live: bytearray, original: bytes, durable: int, block_size: int
+    ) -> None:
+        # Entries below the durable offset are final; above it the copy may have
+        # hashed blocks whose writes are not flushed yet, so the original entries are
+        # kept there: a resumed compare-mode copy must not skip an unflushed block.
+        cut = (durable // block_size) * blockstream.HASH_SIZE
+        data = bytes(live[:cut]) + original[cut:]
+        _write_atomic(path.with_name(path.name + ".partial"), data)
+
+    # ------------------------------------------------------------------ verify sample
+
+    @activity.defn(name="verify.sample")
+    async def verify_sample(self, inp: VerifySampleInput) -> VerifySampleResult:
+        return await asyncio.to_thread(self._verify_sample, inp)
+
+    def _verify_sample(self, inp: VerifySampleInput) -> VerifySampleResult:
+        staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
+        ep = staging.endpoint(inp.disk)
+        mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id, inp.disk)
+        expected = mpath.read_bytes()
+        nblocks = len(expected) // blockstream.HASH_SIZE
+        rng = random.Random(inp.seed)
+        picks = sorted(rng.sample(range(nblocks), min(inp.blocks, nblocks)))
+        mismatches = check_blocks(ep.uri, ep.size, expected, picks, inp.block_size)
+        return VerifySampleResult(disk=inp.disk, blocks_checked=len(picks), mismatches=mismatches)
+
+    # ------------------------------------------------------------------ commit
+
+    @activity.defn(name="target.commit")
+    async def commit(self, inp: CommitInput) -> RecoveryPoint:
+        return await asyncio.to_thread(self._commit, inp)
+
+    def _commit(self, inp: CommitInput) -> RecoveryPoint:
+        cat = self.ctx.catalog
+        try:
+            return cat.get_point(inp.ctx.cycle_id)  # a retry after the catalog commit
+        except NotFoundError:
+            pass
+        source = self.ctx.source(inp.ctx.source.name)
+        frozen = source.reopen(inp.frozen)
+        staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
+        kinds = set(inp.frozen.kinds.values())
+        kind = (
+            ChangeKind.RESYNC if ChangeKind.RESYNC in kinds
+            else ChangeKind.FULL if kinds == {ChangeKind.FULL}
+            else ChangeKind.INCREMENTAL
+        )
+        meta = PointMeta(
+            cycle_id=inp.ctx.cycle_id,
+            instant=inp.frozen.instant,
+            consistency=inp.frozen.consistency,
+            block_size=inp.block_size,
+            kind=kind,
+            bytes_written=sum(s.bytes_written for s in inp.streams),
+            checkpoints=frozen.new_checkpoints(),
+        )
+        manifests = {s.disk: Path(s.manifest_file).read_bytes() for s in inp.streams}
+        locations = staging.commit(meta)
+        packed = {}
+        disks = []
+        for disk, location in zip(inp.staging.disks, locations, strict=True):
+            raw = manifests[disk.id]
+            packed[disk.id] = blockstream.pack_manifest(
+                raw, block_size=inp.block_size, disk_size=disk.size
+            )
+            disks.append(
+                PointDisk(
+                    disk=disk.id,
+                    size=disk.size,
+                    location=location,
+                    block_size=inp.block_size,
+                    manifest_sha256=hashlib.sha256(raw).hexdigest(),
+                )
+            )
+        now = datetime.now(UTC)
+        point = RecoveryPoint(
+            id=inp.ctx.cycle_id,
+            protection=inp.ctx.protection,
+            seq=cat.next_seq(inp.ctx.protection),
+            instant=inp.frozen.instant,
+            committed_at=now,
+            consistency=inp.frozen.consistency,
+            disks=disks,
+            bytes_written=meta.bytes_written,
+            kind=kind,
+        )
+        stored = cat.commit_point(point, packed, meta.checkpoints)
+        return stored
+
+    # ------------------------------------------------------------------ release
+
+    @activity.defn(name="source.release")
+    async def release(self, inp: ReleaseInput) -> None:
+        def run() -> None:
+            source = self.ctx.source(inp.ctx.source.name)
+            source.reopen(inp.frozen).release(inp.committed)
+            work = self.ctx.settings.home / "work" / inp.ctx.protection / inp.ctx.cycle_id
+            if inp.committed:
+                _remove_tree(work)
+
+        await asyncio.to_thread(run)
+
+    # ------------------------------------------------------------------ retention
+
+    @activity.defn(name="retention.apply")
+    async def retention(self, ctx: CycleContext) -> RetentionResult:
+        return await asyncio.to_thread(self._retention, ctx)
+
+    def _retention(self, ctx: CycleContext) -> RetentionResult:
+        cat = self.ctx.catalog
+        target = self.ctx.target(ctx.target.name)
+        rec = cat.get_protection(ctx.protection)
+        result = RetentionResult()
+        # Finish deletions a crash interrupted, then decide anew.
+        pending = cat.deleting_points(ctx.protection)
+        _, to_delete = retention_rules.select_points(
+            cat.points(ctx.protection), rec.spec.policy.retention, datetime.now(UTC)
+        )
+        for point in [*pending, *to_delete]:
+            cat.mark_deleting(point.id)
+            successor = _successor(cat.points(ctx.protection), point)
+            try:
+                moved = target.delete(point, successor)
+            except Busy as e:
+                log.info("retention: %s busy (%s); retried after the next cycle", point.id, e)
+                result.busy.append(point.id)
+                continue
+            if moved is not None:
+                cat.update_point(moved)
+            cat.finish_delete(point.id)
+            result.deleted.append(point.id)
+        result.kept = len(cat.points(ctx.protection))
+        return result
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @activity.defn(name="cycle.record")
+    async def record(self, inp: CycleRecordInput) -> None:
+        o = inp.outcome
+        rec = CycleRecord(
+            cycle_id=o.cycle_id,
+            protection=inp.ctx.protection,
+            started_at=inp.ctx.started_at,
+            finished_at=o.committed_at or datetime.now(UTC),
+            instant=o.instant,
+            status="committed" if o.status == "committed" else "failed",
+            kind=o.kind,
+            bytes_read=inp.bytes_read,
+            bytes_written=o.bytes_written,
+            bytes_zero=inp.bytes_zero,
+            bytes_skipped=inp.bytes_skipped,
+            copy_seconds=o.copy_seconds,
+            wall_seconds=o.wall_seconds,
+            rpo_seconds=o.rpo_seconds,
+            point_id=o.point_id,
+            error=o.error,
+        )
+        await asyncio.to_thread(self.ctx.catalog.record_cycle, rec)
+
+    @activity.defn(name="protection.state")
+    async def protection_state(self, protection: str) -> ProtectionState:
+        rec = await asyncio.to_thread(self.ctx.catalog.get_protection, protection)
+        return rec.state
+
+
+def _progress_details(p: blockstream.Progress, durable: int, started: float) -> dict[str, Any]:
+    remaining = max(0, p.bytes_total - (p.bytes_read + p.bytes_skipped + p.bytes_zero))
+    return {
+        "durable_offset": durable,
+        "bytes_read": p.bytes_read,
+        "bytes_written": p.bytes_written,
+        "bytes_zero": p.bytes_zero,
+        "bytes_skipped": p.bytes_skipped,
+        "bytes_total": p.bytes_total,
+        "rate": p.rate,
+        "eta_seconds": (remaining / p.rate) if p.rate > 0 else None,
+        "elapsed_seconds": time.monotonic() - started,
+    }
+
+
+def check_blocks(uri: str, size: int, expected: bytes, blocks: list[int], block_size: int) -> list[int]:
+    """Hash the given blocks of an export and return those that differ from ``expected``."""
+    if not blocks:
+        return []
+    scratch = bytearray(len(expected))
+    extents = [
+        blockstream.Extent(b * block_size, min(block_size, size - b * block_size)) for b in blocks
+    ]
+    blockstream.Stream(
+        uri, None, extents, disk_size=size, manifest=scratch, block_size=block_size, connections=1
+    ).run()
+    hs = blockstream.HASH_SIZE
+    return [b for b in blocks if scratch[b * hs:(b + 1) * hs] != expected[b * hs:(b + 1) * hs]]
+
+
+def _successor(points: list[RecoveryPoint], point: RecoveryPoint) -> RecoveryPoint | None:
+    later = [p for p in points if p.seq > point.seq and p.id != point.id]
+    return min(later, key=lambda p: p.seq) if later else None
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+__all__ = ["CycleActivities", "FrozenHandle", "PermanentError"]

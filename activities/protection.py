@@ -1,0 +1,221 @@
+"""Protection lifecycle activities: register (validate + catalog), the Temporal
+Schedule that drives the RPO cadence, and state changes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.client import (
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleState,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.context import ActivityContext, permanent
+from temporal import search_attributes as sa
+from transcend.api import (
+    CONTROL_TASK_QUEUE,
+    CYCLE_WORKFLOW,
+    CycleInput,
+    PauseInput,
+    PolicyUpdate,
+    ProtectionView,
+    RegisterPlan,
+    RegisterWorkloads,
+    ScheduleInput,
+    StateChange,
+    cycle_id_prefix,
+    schedule_id,
+)
+from transcend.catalog import AlreadyExists, NotFoundError
+from transcend.models import Health, ProtectionSpec, ProtectionState, Workload
+
+
+class ProtectionActivities:
+    def __init__(self, ctx: ActivityContext) -> None:
+        self.ctx = ctx
+
+    # Registration is four steps so that each runs where its data is (the source
+    # site checks the VMs, the target site prepares the replica's home) and the
+    # catalog is written last: bad input never leaves a half-registered protection.
+
+    @activity.defn(name="protection.resolve")
+    async def resolve(self, spec: ProtectionSpec) -> RegisterPlan:
+        def run() -> RegisterPlan:
+            cat = self.ctx.catalog
+            with permanent():
+                existing = None
+                with contextlib.suppress(NotFoundError):
+                    existing = cat.get_protection(spec.name)
+                if existing is not None and existing.spec != spec:
+                    raise ApplicationError(
+                        f"protection {spec.name!r} already exists with another spec; "
+                        "change its policy with `transcend policy` or remove it first",
+                        type="AlreadyExists", non_retryable=True,
+                    )
+                return RegisterPlan(
+                    spec=spec,
+                    source=cat.get_platform(spec.source_platform),
+                    target=cat.get_platform(spec.target_platform),
+                    exists=existing is not None,
+                )
+
+        return await asyncio.to_thread(run)
+
+    @activity.defn(name="source.describe")
+    async def describe(self, plan: RegisterPlan) -> list[Workload]:
+        def run() -> list[Workload]:
+            with permanent():
+                source = self.ctx.source(plan.source.name)
+                return [source.workload(w) for w in plan.spec.workloads]
+
+        return await asyncio.to_thread(run)
+
+    @activity.defn(name="target.check")
+    async def check_target(self, args: RegisterWorkloads) -> None:
+        def run() -> None:
+            with permanent():
+                target = self.ctx.target(args.plan.target.name)
+                target.prepare(args.plan.spec.name, [d for w in args.workloads for d in w.disks])
+
+        await asyncio.to_thread(run)
+
+    @activity.defn(name="protection.add")
+    async def add(self, args: RegisterWorkloads) -> ProtectionView:
+        def run() -> ProtectionView:
+            cat = self.ctx.catalog
+            with permanent():
+                try:
+                    cat.add_protection(args.plan.spec, args.workloads)
+                    cat.set_protection_state(
+                        args.plan.spec.name, ProtectionState.PROTECTING, health=Health.HEALTHY
+                    )
+                except AlreadyExists:
+                    pass
+                return self._view(args.plan.spec.name)
+
+        return await asyncio.to_thread(run)
+
+    @activity.defn(name="protection.view")
+    async def view(self, protection: str) -> ProtectionView:
+        def run() -> ProtectionView:
+            with permanent():
+                return self._view(protection)
+
+        return await asyncio.to_thread(run)
+
+    def _view(self, protection: str) -> ProtectionView:
+        cat = self.ctx.catalog
+        rec = cat.get_protection(protection)
+        return ProtectionView(
+            protection=protection,
+            state=rec.state,
+            policy=rec.spec.policy,
+            source=cat.get_platform(rec.spec.source_platform),
+            target=cat.get_platform(rec.spec.target_platform),
+        )
+
+    @activity.defn(name="protection.set_state")
+    async def set_state(self, c: StateChange) -> None:
+        await asyncio.to_thread(
+            self.ctx.catalog.set_protection_state, c.protection, c.state,
+            health=c.health, reason=c.reason,
+        )
+
+    @activity.defn(name="protection.update_policy")
+    async def update_policy(self, u: PolicyUpdate) -> None:
+        await asyncio.to_thread(self.ctx.catalog.update_policy, u.protection, u.policy)
+
+    # ------------------------------------------------------------------ schedule
+
+    def _client(self):  # type: ignore[no-untyped-def]
+        if self.ctx.client is None:
+            raise ApplicationError("schedule activities need a Temporal client", non_retryable=True)
+        return self.ctx.client
+
+    @activity.defn(name="schedule.ensure")
+    async def ensure_schedule(self, inp: ScheduleInput) -> None:
+        client = self._client()
+        attrs = TypedSearchAttributes(
+            [
+                SearchAttributePair(sa.PROTECTION, inp.protection),
+                *[
+                    SearchAttributePair(getattr(sa, k), v)
+                    for k, v in inp.search_attributes.items()
+                    if hasattr(sa, k)
+                ],
+            ]
+        )
+        action = ScheduleActionStartWorkflow(
+            CYCLE_WORKFLOW,
+            CycleInput(protection=inp.protection),
+            id=cycle_id_prefix(inp.protection),
+            task_queue=CONTROL_TASK_QUEUE,
+            typed_search_attributes=attrs,
+            execution_timeout=timedelta(hours=24),
+        )
+        schedule = Schedule(
+            action=action,
+            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=inp.interval_seconds))]),
+            # BUFFER_ONE: a cycle is never started while one runs; one request
+            # (a tick or "sync now") waits and runs right after.
+            policy=SchedulePolicy(
+                overlap=ScheduleOverlapPolicy.BUFFER_ONE, catchup_window=timedelta(minutes=1)
+            ),
+            state=ScheduleState(paused=inp.paused, note="transcend RPO cadence"),
+        )
+        sid = schedule_id(inp.protection)
+        try:
+            await client.create_schedule(sid, schedule, trigger_immediately=inp.trigger_now)
+            return
+        except ScheduleAlreadyRunningError:
+            pass
+        handle = client.get_schedule_handle(sid)
+
+        def updater(current: ScheduleUpdateInput) -> ScheduleUpdate:
+            new = current.description.schedule
+            new.action = action
+            new.spec = schedule.spec
+            new.policy = schedule.policy
+            if new.state.paused != inp.paused:
+                new.state.paused = inp.paused
+            return ScheduleUpdate(schedule=new)
+
+        await handle.update(updater)
+        if inp.trigger_now:
+            await handle.trigger(overlap=ScheduleOverlapPolicy.BUFFER_ONE)
+
+    @activity.defn(name="schedule.trigger")
+    async def trigger_schedule(self, protection: str) -> None:
+        await self._client().get_schedule_handle(schedule_id(protection)).trigger(
+            overlap=ScheduleOverlapPolicy.BUFFER_ONE
+        )
+
+    @activity.defn(name="schedule.pause")
+    async def pause_schedule(self, p: PauseInput) -> None:
+        handle = self._client().get_schedule_handle(schedule_id(p.protection))
+        if p.paused:
+            await handle.pause(note="paused by transcend")
+        else:
+            await handle.unpause(note="resumed by transcend")
+
+    @activity.defn(name="schedule.delete")
+    async def delete_schedule(self, protection: str) -> None:
+        try:
+            await self._client().get_schedule_handle(schedule_id(protection)).delete()
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise

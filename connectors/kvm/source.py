@@ -1,0 +1,533 @@
+"""KVM/libvirt source: checkpoints + pull-mode backup (``virDomainBackupBegin``).
+
+One cycle:
+
+* ``freeze`` starts a pull-mode backup job of every disk of the domain and creates
+  the next checkpoint in the same call, so the frozen instant and the new dirty
+  bitmap start at exactly the same moment. QEMU serves the frozen instant over
+  NBD on a unix socket (export ``<disk>``, bitmap context
+  ``qemu:dirty-bitmap:backup-<disk>`` for incremental disks).
+* ``changes`` reads ``base:allocation`` (and the dirty bitmap) of that export.
+* ``release(committed=True)`` ends the job and deletes the previous checkpoint,
+  keeping one bitmap per disk; ``release(committed=False)`` ends the job and
+  deletes the *new* checkpoint, which makes libvirt merge its bitmap into the
+  previous one, so no change is lost for the next cycle.
+
+Lost tracking (the checkpoint is gone, belongs to another domain UUID, or its
+bitmap is missing or inconsistent in the image) is detected here and the disk's
+change kind becomes RESYNC: the whole disk is read and only blocks whose hash
+differs from the replica's manifest are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
+from hashlib import sha1
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+import blockstream
+from connectors.base import (
+    ChangeExtent,
+    ChangeSet,
+    ConnectorError,
+    NotFound,
+    PermanentError,
+)
+from transcend.models import (
+    ChangeKind,
+    ChangeSummary,
+    Checkpoint,
+    DiskId,
+    DiskInfo,
+    FreezeOptions,
+    FrozenHandle,
+    NbdEndpoint,
+    NicInfo,
+    PlatformInfo,
+    Workload,
+    WorkloadRef,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "transcend."
+_NBD_STATE_ZERO = 2
+
+
+def open_libvirt(uri: str) -> libvirt.virConnect:
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise PermanentError(
+            f"cannot connect to libvirt at {uri!r}: {e.get_error_message()}; "
+            "check that libvirtd runs there and the URI is right"
+        ) from e
+    if conn is None:  # pragma: no cover - old bindings returned None
+        raise PermanentError(f"cannot connect to libvirt at {uri!r}")
+    return conn
+
+
+def _domain_disks(root: ET.Element) -> list[ET.Element]:
+    return [d for d in root.findall("./devices/disk") if d.get("device", "disk") == "disk"]
+
+
+def _disk_source(disk: ET.Element) -> str:
+    src = disk.find("source")
+    if src is None:
+        return ""
+    return src.get("file") or src.get("dev") or src.get("name") or ""
+
+
+def workload_from_domain(platform: str, dom: libvirt.virDomain) -> Workload:
+    """Describe a libvirt domain as a Workload (disks, CPUs, memory, firmware, NICs)."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    disks: list[DiskInfo] = []
+    for d in _domain_disks(root):
+        target = d.find("target")
+        if target is None:
+            continue
+        dev = target.get("dev", "")
+        try:
+            capacity = dom.blockInfo(dev)[0]
+        except libvirt.libvirtError:
+            capacity = 0
+        boot = d.find("boot")
+        disks.append(
+            DiskInfo(
+                id=dev,
+                size=capacity,
+                name=dev,
+                bus=target.get("bus", "virtio"),
+                boot_order=int(boot.get("order", "0")) if boot is not None else None,
+                source=_disk_source(d),
+            )
+        )
+    nics = []
+    for iface in root.findall("./devices/interface"):
+        mac = iface.find("mac")
+        src = iface.find("source")
+        model = iface.find("model")
+        nics.append(
+            NicInfo(
+                mac=mac.get("address", "") if mac is not None else "",
+                network=(src.get("network") or src.get("bridge") or "") if src is not None else "",
+                model=model.get("type", "virtio") if model is not None else "virtio",
+            )
+        )
+    os_el = root.find("os")
+    firmware = "bios"
+    secure_boot = False
+    machine = ""
+    if os_el is not None:
+        type_el = os_el.find("type")
+        machine = type_el.get("machine", "") if type_el is not None else ""
+        loader = os_el.find("loader")
+        if os_el.get("firmware") == "efi" or (loader is not None and loader.get("type") == "pflash"):
+            firmware = "efi"
+            secure_boot = loader is not None and loader.get("secure") == "yes"
+    state, _ = dom.state()
+    return Workload(
+        ref=WorkloadRef(platform=platform, id=dom.UUIDString()),
+        name=dom.name(),
+        cpus=int(root.findtext("vcpu") or "1"),
+        memory_mib=max(1, int(root.findtext("memory") or "1024") // 1024),
+        firmware=firmware,  # type: ignore[arg-type]
+        secure_boot=secure_boot,
+        machine=machine,
+        disks=disks,
+        nics=nics,
+        power_state=_STATE_NAMES.get(state, "unknown"),
+    )
+
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+
+
+def _dac_owner(dom: libvirt.virDomain) -> tuple[int, int] | None:
+    """uid:gid QEMU runs as (the DAC seclabel), so its NBD socket dir can be made writable."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    for sl in root.findall("seclabel"):
+        if sl.get("model") == "dac":
+            label = sl.findtext("label") or ""
+            m = re.fullmatch(r"\+?(\d+):\+?(\d+)", label.strip())
+            if m:
+                return int(m.group(1)), int(m.group(2))
+    return None
+
+
+class KvmSource:
+    """``Source`` for a libvirt host. Config: ``uri`` (default qemu:///system) and
+    ``work_dir`` (NBD sockets and backup scratch files; default
+    ``$TRANSCEND_HOME/kvm-source``)."""
+
+    def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
+        self.info = info
+        self.uri: str = info.config.get("uri", "qemu:///system")
+        from transcend.config import settings
+
+        self.work_dir = Path(info.config.get("work_dir") or settings().home / "kvm-source")
+
+    # ------------------------------------------------------------------ inventory
+
+    def _conn(self) -> libvirt.virConnect:
+        return open_libvirt(self.uri)
+
+    def inventory(self) -> list[Workload]:
+        conn = self._conn()
+        try:
+            return [workload_from_domain(self.info.name, d) for d in conn.listAllDomains(0)]
+        finally:
+            conn.close()
+
+    def _lookup(self, conn: libvirt.virConnect, ref: str) -> libvirt.virDomain:
+        for lookup in (conn.lookupByUUIDString, conn.lookupByName):
+            try:
+                return lookup(ref)
+            except libvirt.libvirtError:
+                continue
+        known = ", ".join(sorted(d.name() for d in conn.listAllDomains(0))) or "none"
+        raise NotFound(
+            f"no VM {ref!r} on platform {self.info.name!r} ({self.uri}); known VMs: {known}"
+        )
+
+    def workload(self, ref_or_name: str) -> Workload:
+        conn = self._conn()
+        try:
+            return workload_from_domain(self.info.name, self._lookup(conn, ref_or_name))
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ freeze
+
+    def freeze(
+        self,
+        protection: str,
+        cycle_id: str,
+        workloads: list[Workload],
+        since: dict[DiskId, Checkpoint],
+        opts: FreezeOptions,
+    ) -> KvmFrozen:
+        if len(workloads) != 1:
+            raise PermanentError(
+                "the KVM source freezes one domain per call; consistency groups freeze "
+                "their members through the group workflow"
+            )
+        wl = workloads[0]
+        conn = self._conn()
+        try:
+            dom = self._lookup(conn, wl.ref.id)
+            if not dom.isActive():
+                raise PermanentError(
+                    f"VM {wl.name!r} is not running; pull-mode backup needs a running domain "
+                    "(start it, or use a migration, which copies a shut-off VM)"
+                )
+            current = workload_from_domain(self.info.name, dom)
+            new_cp = f"{CHECKPOINT_PREFIX}{protection}.{cycle_id}"
+            existing = self._existing_job(dom, new_cp)
+            if existing is not None:
+                return KvmFrozen(self, existing)
+            if new_cp in _checkpoint_names(dom):
+                # A previous attempt created our checkpoint but its job is gone (libvirtd
+                # restarted): that instant is lost, so fold it back and freeze anew.
+                _delete_checkpoint(dom, new_cp)
+            kinds, reasons, prev = self._plan_kinds(dom, current, since, opts)
+            run = self._cycle_dir(dom, protection)
+            handle = FrozenHandle(
+                platform=self.info.name,
+                protection=protection,
+                cycle_id=cycle_id,
+                instant=datetime.now(UTC),
+                disks=current.disks,
+                kinds=kinds,
+                reasons=reasons,
+                data={
+                    "uri": self.uri,
+                    "domain_uuid": dom.UUIDString(),
+                    "domain": dom.name(),
+                    "socket": str(run / "nbd.sock"),
+                    "dir": str(run),
+                    "new_checkpoint": new_cp,
+                    "previous_checkpoint": prev,
+                },
+            )
+            try:
+                self._begin_backup(dom, handle)
+            except libvirt.libvirtError as e:
+                if prev is None or not _is_checkpoint_problem(e):
+                    raise ConnectorError(
+                        f"starting the backup of {wl.name!r} failed: {e.get_error_message()}"
+                    ) from e
+                # The checkpoint exists in libvirt's metadata but its bitmap is missing
+                # or inconsistent in the image: tracking is lost, resync every disk.
+                log.warning("checkpoint %s unusable (%s): resync", prev, e.get_error_message())
+                reason = f"checkpoint {prev} unusable: {e.get_error_message()}"
+                handle.kinds = {d.id: ChangeKind.RESYNC for d in current.disks}
+                handle.reasons = {d.id: reason for d in current.disks}
+                handle.data["previous_checkpoint"] = None
+                handle.data["stale_checkpoint"] = prev
+                if new_cp in _checkpoint_names(dom):
+                    _delete_checkpoint(dom, new_cp)
+                self._begin_backup(dom, handle)
+            return KvmFrozen(self, handle)
+        finally:
+            conn.close()
+
+    def reopen(self, handle: FrozenHandle) -> KvmFrozen:
+        return KvmFrozen(self, handle)
+
+    def _cycle_dir(self, dom: libvirt.virDomain, protection: str) -> Path:
+        # Short path: unix socket paths are limited to 108 bytes.
+        tag = sha1(f"{protection}/{dom.UUIDString()}".encode()).hexdigest()[:12]
+        run = self.work_dir / tag
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PermanentError(
+                f"cannot create the KVM source work directory {run}: {e.strerror}; "
+                "set work_dir in the platform config to a writable directory"
+            ) from e
+        owner = _dac_owner(dom)
+        if owner is not None and os.geteuid() == 0:
+            os.chown(run, *owner)
+        run.chmod(0o755)
+        return run
+
+    def _plan_kinds(
+        self,
+        dom: libvirt.virDomain,
+        current: Workload,
+        since: dict[DiskId, Checkpoint],
+        opts: FreezeOptions,
+    ) -> tuple[dict[DiskId, ChangeKind], dict[DiskId, str], str | None]:
+        names = _checkpoint_names(dom)
+        kinds: dict[DiskId, ChangeKind] = {}
+        reasons: dict[DiskId, str] = {}
+        tokens = {cp.token for cp in since.values()}
+        prev = next(iter(tokens)) if len(tokens) == 1 else None
+        for disk in current.disks:
+            cp = since.get(disk.id)
+            if cp is None:
+                # Nothing replicated for this disk yet: FULL, unless other disks were
+                # (a disk added to the VM), which still starts with a full copy.
+                kinds[disk.id] = ChangeKind.FULL
+                reasons[disk.id] = "first cycle"
+            elif opts.force_resync:
+                kinds[disk.id] = ChangeKind.RESYNC
+                reasons[disk.id] = "resync requested"
+            elif cp.identity and cp.identity != dom.UUIDString():
+                kinds[disk.id] = ChangeKind.RESYNC
+                reasons[disk.id] = (
+                    f"checkpoint {cp.token} belongs to domain {cp.identity}, "
+                    f"VM is now {dom.UUIDString()} (domain redefined)"
+                )
+            elif cp.token not in names:
+                kinds[disk.id] = ChangeKind.RESYNC
+                reasons[disk.id] = f"checkpoint {cp.token} no longer exists in libvirt"
+            elif len(tokens) != 1:
+                kinds[disk.id] = ChangeKind.RESYNC
+                reasons[disk.id] = "disks disagree on the last checkpoint"
+            else:
+                kinds[disk.id] = ChangeKind.INCREMENTAL
+        if all(k != ChangeKind.INCREMENTAL for k in kinds.values()):
+            prev = None
+        # Stale transcend checkpoints for this domain that are not ours hold bitmaps
+        # nobody reads; the ones that are ours are handled by release().
+        return kinds, reasons, prev
+
+    def _begin_backup(self, dom: libvirt.virDomain, handle: FrozenHandle) -> None:
+        run = Path(handle.data["dir"])
+        sock = Path(handle.data["socket"])
+        sock.unlink(missing_ok=True)
+        prev = handle.data.get("previous_checkpoint")
+        backup = ET.Element("domainbackup", mode="pull")
+        if prev:
+            ET.SubElement(backup, "incremental").text = prev
+        ET.SubElement(backup, "server", transport="unix", socket=str(sock))
+        disks_el = ET.SubElement(backup, "disks")
+        cp = ET.Element("domaincheckpoint")
+        ET.SubElement(cp, "name").text = handle.data["new_checkpoint"]
+        cp_disks = ET.SubElement(cp, "disks")
+        for disk in handle.disks:
+            scratch = run / f"scratch-{disk.id}.qcow2"
+            scratch.unlink(missing_ok=True)
+            attrs = {"name": disk.id, "backup": "yes", "type": "file"}
+            if handle.kinds[disk.id] != ChangeKind.INCREMENTAL or not prev:
+                attrs["backupmode"] = "full"
+            d = ET.SubElement(disks_el, "disk", attrs)
+            ET.SubElement(d, "scratch", file=str(scratch))
+            ET.SubElement(cp_disks, "disk", name=disk.id, checkpoint="bitmap")
+        dom.backupBegin(ET.tostring(backup, "unicode"), ET.tostring(cp, "unicode"), 0)
+
+    def _existing_job(self, dom: libvirt.virDomain, new_cp: str) -> FrozenHandle | None:
+        """A retried freeze finds the job its first attempt started (same checkpoint)."""
+        marker = Path(self.work_dir) / "handles" / f"{new_cp}.json"
+        if not marker.exists():
+            return None
+        handle = FrozenHandle.model_validate_json(marker.read_text())
+        if _backup_running(dom, handle.data["socket"]):
+            return handle
+        return None
+
+    def remember(self, handle: FrozenHandle) -> None:
+        marker = Path(self.work_dir) / "handles" / f"{handle.data['new_checkpoint']}.json"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(handle.model_dump_json())
+        tmp.replace(marker)
+
+    def forget(self, handle: FrozenHandle) -> None:
+        marker = Path(self.work_dir) / "handles" / f"{handle.data['new_checkpoint']}.json"
+        marker.unlink(missing_ok=True)
+
+
+def _checkpoint_names(dom: libvirt.virDomain) -> set[str]:
+    try:
+        return {c.getName() for c in dom.listAllCheckpoints(0)}
+    except libvirt.libvirtError:
+        return set()
+
+
+def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
+    try:
+        dom.checkpointLookupByName(name).delete(0)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+            raise
+
+
+def _is_checkpoint_problem(e: libvirt.libvirtError) -> bool:
+    code = e.get_error_code()
+    if code in (
+        libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT,
+        getattr(libvirt, "VIR_ERR_CHECKPOINT_INCONSISTENT", -1),
+    ):
+        return True
+    msg = (e.get_error_message() or "").lower()
+    return "bitmap" in msg or "checkpoint" in msg
+
+
+def _backup_running(dom: libvirt.virDomain, socket: str) -> bool:
+    try:
+        xml = dom.backupGetXMLDesc(0)
+    except libvirt.libvirtError:
+        return False
+    server = ET.fromstring(xml).find("server")
+    return server is not None and server.get("socket") == socket
+
+
+class KvmFrozen:
+    def __init__(self, source: KvmSource, handle: FrozenHandle) -> None:
+        self.source = source
+        self.handle = handle
+        source.remember(handle)
+
+    def _disk(self, disk: DiskId) -> DiskInfo:
+        for d in self.handle.disks:
+            if d.id == disk:
+                return d
+        raise PermanentError(f"disk {disk!r} is not part of this frozen instant")
+
+    def export(self, disk: DiskId) -> NbdEndpoint:
+        d = self._disk(disk)
+        return NbdEndpoint(uri=f"nbd+unix:///{d.id}?socket={self.handle.data['socket']}", size=d.size)
+
+    def changes(self, disk: DiskId) -> ChangeSet:
+        d = self._disk(disk)
+        ep = self.export(disk)
+        kind = self.handle.kinds[disk]
+        granularity = 65536
+        try:
+            alloc = blockstream.block_status(ep.uri, "base:allocation", disk_size=d.size)
+            if kind == ChangeKind.INCREMENTAL:
+                dirty = blockstream.block_status(
+                    ep.uri, f"qemu:dirty-bitmap:backup-{d.id}", disk_size=d.size
+                )
+                planned = blockstream.plan_extents(
+                    alloc, dirty, disk_size=d.size, granularity=granularity
+                )
+                extents = [ChangeExtent(e.offset, e.length, e.zero) for e in planned]
+            elif kind == ChangeKind.FULL:
+                planned = blockstream.plan_extents(alloc, None, disk_size=d.size, granularity=granularity)
+                extents = [ChangeExtent(e.offset, e.length, e.zero) for e in planned]
+            else:
+                # RESYNC: the whole disk; zero regions are not read but still compared.
+                extents = [ChangeExtent(o, n, bool(f & _NBD_STATE_ZERO)) for o, n, f in alloc]
+        except blockstream.BlockstreamError as e:
+            raise ConnectorError(f"reading the change map of disk {disk!r} failed: {e}") from e
+        return ChangeSet(
+            summary=ChangeSummary(
+                disk=disk,
+                kind=kind,
+                reason=self.handle.reasons.get(disk, ""),
+                extents=len(extents),
+                data_bytes=sum(e.length for e in extents if not e.zero),
+                zero_bytes=sum(e.length for e in extents if e.zero),
+                disk_size=d.size,
+                granularity=granularity,
+            ),
+            extents=extents,
+        )
+
+    def new_checkpoints(self) -> list[Checkpoint]:
+        return [
+            Checkpoint(
+                disk=d.id,
+                token=self.handle.data["new_checkpoint"],
+                identity=self.handle.data["domain_uuid"],
+                instant=self.handle.instant,
+            )
+            for d in self.handle.disks
+        ]
+
+    def release(self, committed: bool) -> None:
+        conn = open_libvirt(self.handle.data["uri"])
+        try:
+            try:
+                dom = conn.lookupByUUIDString(self.handle.data["domain_uuid"])
+            except libvirt.libvirtError:
+                log.warning("domain %s gone; nothing to release", self.handle.data["domain"])
+                self.source.forget(self.handle)
+                return
+            if _backup_running(dom, self.handle.data["socket"]):
+                try:
+                    dom.abortJob()
+                except libvirt.libvirtError as e:
+                    if _backup_running(dom, self.handle.data["socket"]):
+                        raise ConnectorError(
+                            f"ending the backup job of {self.handle.data['domain']!r} failed: "
+                            f"{e.get_error_message()}"
+                        ) from e
+            new_cp = self.handle.data["new_checkpoint"]
+            if committed:
+                # Keep only the newest bitmap: older transcend checkpoints of this
+                # protection are no longer needed by anyone.
+                prefix = f"{CHECKPOINT_PREFIX}{self.handle.protection}."
+                for name in sorted(_checkpoint_names(dom)):
+                    if name.startswith(prefix) and name != new_cp:
+                        _delete_checkpoint(dom, name)
+            else:
+                # Deleting the new checkpoint merges its bitmap into the previous one,
+                # so the next cycle still sees every change since that checkpoint.
+                _delete_checkpoint(dom, new_cp)
+        finally:
+            conn.close()
+        shutil.rmtree(self.handle.data["dir"], ignore_errors=True)
+        self.source.forget(self.handle)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kinds": dict(self.handle.kinds), "reasons": dict(self.handle.reasons)}

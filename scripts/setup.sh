@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install everything transcend needs on a fresh Debian 12 machine, as root:
+# Debian packages (libnbd, QEMU, libvirt, nbdkit, PostgreSQL for tests), a venv with
+# the package and its C extension built, and libvirtd running. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(
+  # build: the C extension and libvirt-python
+  gcc pkg-config python3-dev libnbd-dev libzstd-dev libxxhash-dev libssl-dev libvirt-dev
+  # data path and platforms
+  libnbd-bin nbdkit qemu-utils qemu-system-x86 qemu-block-extra
+  libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu dnsmasq-base iproute2
+  gnutls-bin
+  # test guest: kernel extracted from its .deb, busybox init, boot loader, filesystems
+  busybox-static e2fsprogs cpio zstd syslinux syslinux-common mtools fdisk dosfstools kmod
+  # catalog tests against a real PostgreSQL
+  postgresql
+)
+
+missing=()
+for p in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import blockstream._blockstream, libvirt, temporalio" \
+  || { echo "setup: the package did not build; see the pip output above" >&2; exit 1; }
+
+# libvirtd without systemd (containers, CI): start the daemons ourselves.
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  pgrep -x libvirtd >/dev/null || libvirtd -d
+  for _ in $(seq 1 50); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not start" >&2; exit 1; }
+fi
+echo "setup: ready"

@@ -1,0 +1,306 @@
+"""Inputs, outputs and query results of the workflows and activities.
+
+This module is the programmatic API (docs/workflow-api.md): other systems start
+workflows by name with these models as JSON. Workflow names and ID patterns are
+defined here too so the CLI, the client module and the docs agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from transcend.models import (
+    ChangeKind,
+    ChangeSummary,
+    Checkpoint,
+    DiskInfo,
+    FrozenHandle,
+    Health,
+    Model,
+    PlatformInfo,
+    ProtectionPolicy,
+    ProtectionSpec,
+    ProtectionState,
+    RecoveryPoint,
+    StagingHandle,
+    Workload,
+)
+
+# Workflow type names: stable, part of the API.
+REPLICATION_WORKFLOW = "Replication"
+CYCLE_WORKFLOW = "Cycle"
+VERIFY_WORKFLOW = "VerifyPoint"
+BOOT_WORKFLOW = "BootPoint"
+
+CONTROL_TASK_QUEUE = "transcend-control"
+
+
+def replication_id(protection: str) -> str:
+    return f"replication/{protection}"
+
+
+def cycle_id_prefix(protection: str) -> str:
+    return f"cycle/{protection}"
+
+
+def schedule_id(protection: str) -> str:
+    return f"rpo/{protection}"
+
+
+def verify_id(point_id: str) -> str:
+    return f"verify/{point_id}"
+
+
+def boot_id(point_id: str, name: str) -> str:
+    return f"boot/{point_id}/{name}"
+
+
+# --------------------------------------------------------------------------- replication
+
+
+class ReplicationInput(Model):
+    """Start protecting: ``spec`` registers the protection (idempotent for the same spec);
+    ``protection`` alone resumes an existing one. ``carry`` is internal state handed over
+    by continue-as-new."""
+
+    protection: str
+    spec: ProtectionSpec | None = None
+    carry: ReplicationCarry | None = None
+
+
+class CycleOutcome(Model):
+    cycle_id: str
+    status: Literal["committed", "failed", "skipped"]
+    point_id: str | None = None
+    instant: datetime | None = None
+    committed_at: datetime | None = None
+    kind: str = ""
+    bytes_written: int = 0
+    copy_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    rpo_seconds: float | None = None
+    error: str = ""
+
+
+class ReplicationCarry(Model):
+    cycles_ok: int = 0
+    cycles_failed: int = 0
+    consecutive_failures: int = 0
+    last_point_id: str | None = None
+    last_point_instant: datetime | None = None
+    recent_rpo: list[float] = Field(default_factory=list)
+    recent_cycle_seconds: list[float] = Field(default_factory=list)
+    last_error: str = ""
+    paused: bool = False
+    interval_seconds: int = 0
+
+
+class ReplicationStatus(Model):
+    protection: str
+    state: ProtectionState
+    health: Health
+    health_reason: str
+    rpo_target_seconds: int
+    rpo_last_seconds: float | None
+    rpo_p95_seconds: float | None
+    last_point_id: str | None
+    last_point_instant: datetime | None
+    cycles_ok: int
+    cycles_failed: int
+    schedule_interval_seconds: int
+    current_cycle: str | None
+    last_error: str
+
+
+class PolicyChange(Model):
+    policy: ProtectionPolicy
+
+
+# --------------------------------------------------------------------------- cycle
+
+
+class CycleInput(Model):
+    protection: str
+    force_resync: bool = False
+
+
+class CycleContext(Model):
+    protection: str
+    cycle_id: str
+    source: PlatformInfo
+    target: PlatformInfo
+    source_queue: str
+    target_queue: str
+    workloads: list[Workload]
+    policy: ProtectionPolicy
+    last_point: RecoveryPoint | None
+    state: ProtectionState
+    force_resync: bool = False
+    started_at: datetime
+
+
+class StreamInput(Model):
+    ctx: CycleContext
+    frozen: FrozenHandle
+    staging: StagingHandle
+    disk: str
+    block_size: int
+
+
+class StreamResult(Model):
+    disk: str
+    kind: ChangeKind
+    bytes_read: int
+    bytes_written: int
+    bytes_zero: int
+    bytes_skipped: int
+    bytes_total: int
+    seconds: float
+    resumed_from: int = 0
+    manifest_file: str
+
+
+class VerifySampleInput(Model):
+    staging: StagingHandle
+    ctx: CycleContext
+    disk: str
+    block_size: int
+    seed: int
+    blocks: int
+
+
+class VerifySampleResult(Model):
+    disk: str
+    blocks_checked: int
+    mismatches: list[int] = Field(default_factory=list)
+
+
+class CommitInput(Model):
+    ctx: CycleContext
+    frozen: FrozenHandle
+    staging: StagingHandle
+    block_size: int
+    streams: list[StreamResult]
+
+
+class FreezeResult(Model):
+    frozen: FrozenHandle
+    changes: list[ChangeSummary]
+
+
+class BeginInput(Model):
+    ctx: CycleContext
+    disks: list[DiskInfo]
+
+
+class ReleaseInput(Model):
+    ctx: CycleContext
+    frozen: FrozenHandle
+    committed: bool
+
+
+class AbortInput(Model):
+    ctx: CycleContext
+    staging: StagingHandle
+
+
+class RetentionResult(Model):
+    deleted: list[str] = Field(default_factory=list)
+    busy: list[str] = Field(default_factory=list)
+    kept: int = 0
+
+
+class CycleRecordInput(Model):
+    ctx: CycleContext
+    outcome: CycleOutcome
+    bytes_read: int = 0
+    bytes_zero: int = 0
+    bytes_skipped: int = 0
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+class ScheduleInput(Model):
+    protection: str
+    interval_seconds: int = Field(ge=1)
+    paused: bool = False
+    trigger_now: bool = False
+    search_attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- verify / boot
+
+
+class VerifyInput(Model):
+    point_id: str
+
+
+class VerifyResult(Model):
+    point_id: str
+    disks: dict[str, int] = Field(description="blocks checked per disk")
+    mismatched_blocks: dict[str, list[int]] = Field(default_factory=dict)
+    ok: bool
+
+
+class BootInput(Model):
+    point_id: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    network: str = ""
+    isolated: bool = True
+
+
+class BootResult(Model):
+    point_id: str
+    instance_id: str
+    name: str
+    console_log: str
+
+
+class ProtectionView(Model):
+    """What ``cycle.start`` needs of the catalog, for the workflow's first steps."""
+
+    protection: str
+    state: ProtectionState
+    policy: ProtectionPolicy
+    source: PlatformInfo
+    target: PlatformInfo
+
+
+class RegisterPlan(Model):
+    spec: ProtectionSpec
+    source: PlatformInfo
+    target: PlatformInfo
+    exists: bool = False
+
+
+class RegisterWorkloads(Model):
+    plan: RegisterPlan
+    workloads: list[Workload]
+
+
+class StateChange(Model):
+    protection: str
+    state: ProtectionState
+    health: Health
+    reason: str = ""
+
+
+class PolicyUpdate(Model):
+    protection: str
+    policy: ProtectionPolicy
+
+
+class PauseInput(Model):
+    protection: str
+    paused: bool
+
+
+class Checkpoints(Model):
+    items: list[Checkpoint]
+
+
+ReplicationInput.model_rebuild()

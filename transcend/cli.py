@@ -1,0 +1,478 @@
+"""``transcend``: a thin Temporal client and catalog reader for people.
+
+Everything that changes replication goes through the documented workflows
+(docs/workflow-api.md), exactly as other systems would start them; the CLI only
+reads the catalog directly and writes platform definitions into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.service import RPCError
+
+from transcend.api import (
+    BOOT_WORKFLOW,
+    CONTROL_TASK_QUEUE,
+    CYCLE_WORKFLOW,
+    REPLICATION_WORKFLOW,
+    VERIFY_WORKFLOW,
+    BootInput,
+    BootResult,
+    PolicyChange,
+    ReplicationInput,
+    ReplicationStatus,
+    VerifyInput,
+    VerifyResult,
+    boot_id,
+    replication_id,
+    verify_id,
+)
+from transcend.models import (
+    PlatformKind,
+    PlatformSpec,
+    ProtectionPolicy,
+    ProtectionSpec,
+    RetentionPolicy,
+    format_duration,
+    parse_duration,
+)
+
+T = TypeVar("T")
+
+
+def _catalog():  # type: ignore[no-untyped-def]
+    from transcend.catalog import Catalog
+
+    return Catalog.from_settings()
+
+
+async def _client() -> Client:
+    from transcend.client import connect
+
+    return await connect()
+
+
+def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(2)
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            fail(f"{what} {v!r} must be KEY=VALUE")
+        k, _, val = v.partition("=")
+        out[k] = val
+    return out
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _age(t: datetime | None) -> str:
+    if t is None:
+        return "-"
+    return format_duration(max(0, (datetime.now(UTC) - t).total_seconds())) + " ago"
+
+
+@click.group()
+def main() -> None:
+    """transcend: replicate VMs across platforms and recover them."""
+
+
+# ------------------------------------------------------------------ server
+
+
+@main.command()
+@click.option("--port", default=7233, show_default=True)
+@click.option("--ui-port", default=8233, show_default=True)
+def server(port: int, ui_port: int) -> None:
+    """Run the embedded Temporal dev server (SQLite file under $TRANSCEND_HOME)."""
+    from temporal.devserver import start_dev_server
+    from transcend.config import settings
+
+    s = start_dev_server(settings().home / "temporal.db", port=port, ui_port=ui_port)
+    click.echo(f"Temporal dev server on {s.address}; UI {s.ui_url}")
+    try:
+        s.process.wait()
+    except KeyboardInterrupt:
+        s.stop()
+
+
+# ------------------------------------------------------------------ platforms
+
+
+@main.group()
+def platform() -> None:
+    """Platforms: endpoints with credentials (kept encrypted in the catalog)."""
+
+
+@platform.command("add")
+@click.argument("name")
+@click.option("--kind", required=True, type=click.Choice([k.value for k in PlatformKind]))
+@click.option("--site", default="local", show_default=True)
+@click.option("--config", "config", multiple=True, help="KEY=VALUE (e.g. uri=qemu:///system)")
+@click.option("--secret", "secret", multiple=True, help="KEY=VALUE credential, stored encrypted")
+@click.option("--replace", is_flag=True)
+def platform_add(name: str, kind: str, site: str, config: tuple[str, ...],
+                 secret: tuple[str, ...], replace: bool) -> None:
+    try:
+        spec = PlatformSpec(name=name, kind=PlatformKind(kind), site=site,
+                            config=_pairs(config, "--config"), secret=_pairs(secret, "--secret"))
+    except ValidationError as e:
+        fail(str(e))
+        return
+    try:
+        info = _catalog().add_platform(spec, replace=replace)
+    except Exception as e:
+        fail(str(e))
+        return
+    click.echo(f"platform {info.name} ({info.kind.value}, site {info.site}) saved")
+
+
+@platform.command("list")
+def platform_list() -> None:
+    for p in _catalog().list_platforms():
+        click.echo(f"{p.name:20} {p.kind.value:10} site={p.site:10} {json.dumps(p.config)}")
+
+
+@main.command()
+@click.argument("platform_name")
+def workloads(platform_name: str) -> None:
+    """List the VMs a source platform offers."""
+    from connectors.registry import source_for
+
+    cat = _catalog()
+    try:
+        src = source_for(cat.get_platform(platform_name), cat.platform_secret(platform_name))
+        items = src.inventory()
+    except Exception as e:
+        fail(str(e))
+        return
+    for w in items:
+        disks = ", ".join(f"{d.id}:{_human_bytes(d.size)}" for d in w.disks)
+        click.echo(f"{w.name:24} {w.power_state:9} cpus={w.cpus} mem={w.memory_mib}MiB "
+                   f"fw={w.firmware} disks=[{disks}] id={w.ref.id}")
+
+
+# ------------------------------------------------------------------ protections
+
+
+@main.command()
+@click.argument("name")
+@click.option("--source", "source", required=True, help="source platform")
+@click.option("--vm", "vms", multiple=True, required=True, help="VM name or id (repeat for a group)")
+@click.option("--target", "target", required=True, help="target platform")
+@click.option("--rpo", default="15m", show_default=True, help="e.g. 60s, 15m, 1h")
+@click.option("--retention", default="all 4h, hourly 2d, daily 2w", show_default=True)
+@click.option("--continuous", is_flag=True, help="start the next cycle as one commits")
+@click.option("--bandwidth", default=None, help="bytes/s limit, e.g. 100M")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the first point")
+@click.option("--timeout", default=3600, show_default=True)
+@run_async
+async def protect(name: str, source: str, vms: tuple[str, ...], target: str, rpo: str,
+                  retention: str, continuous: bool, bandwidth: str | None, wait: bool,
+                  timeout: int) -> None:
+    """Protect VMs: register, schedule cycles at the RPO and take the first point."""
+    try:
+        policy = ProtectionPolicy(
+            rpo_seconds=parse_duration(rpo), retention=RetentionPolicy.parse(retention),
+            continuous=continuous,
+            bandwidth_bytes_per_s=_parse_size(bandwidth) if bandwidth else None,
+        )
+        spec = ProtectionSpec(name=name, source_platform=source, workloads=list(vms),
+                              target_platform=target, policy=policy)
+    except (ValidationError, ValueError) as e:
+        fail(str(e))
+        return
+    client = await _client()
+    try:
+        handle = await client.start_workflow(
+            REPLICATION_WORKFLOW, ReplicationInput(protection=name, spec=spec),
+            id=replication_id(name), task_queue=CONTROL_TASK_QUEUE,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        )
+    except RPCError as e:
+        fail(f"cannot start the protection: {e.message}")
+        return
+    click.echo(f"protecting {name}: workflow {handle.id} (Temporal UI: search "
+               f"TranscendProtection=\"{name}\")")
+    if wait:
+        await _wait_first_point(client, name, timeout)
+
+
+async def _wait_first_point(client: Client, name: str, timeout: int) -> None:
+    handle = client.get_workflow_handle(replication_id(name))
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        desc = await handle.describe()
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            try:
+                await handle.result()
+            except WorkflowFailureError as e:
+                fail(f"protection {name} failed: {_failure_text(e)}")
+            return
+        try:
+            st = await handle.query("status", result_type=ReplicationStatus)
+        except RPCError:
+            await asyncio.sleep(1)
+            continue
+        if st.last_point_id:
+            click.echo(f"first point {st.last_point_id} committed")
+            return
+        await _print_progress(client, name)
+        await asyncio.sleep(2)
+    fail(f"no point within {timeout}s; see `transcend status {name}`")
+
+
+def _failure_text(e: BaseException) -> str:
+    parts = []
+    cur: BaseException | None = e
+    while cur is not None:
+        if str(cur) and str(cur) not in parts:
+            parts.append(str(cur))
+        cur = cur.__cause__
+    return ": ".join(parts)
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in units else ""
+    return int(float(t[: len(t) - len(unit)]) * units[unit])
+
+
+async def running_cycle_progress(client: Client, name: str) -> list[dict[str, Any]]:
+    """Live progress of a protection's running cycle: its phase (workflow query) and
+    every stream activity's heartbeat (bytes, rate, ETA)."""
+    out: list[dict[str, Any]] = []
+    query = (f'WorkflowType="{CYCLE_WORKFLOW}" AND ExecutionStatus="Running" '
+             f'AND TranscendProtection="{name}"')
+    async for wf in client.list_workflows(query):
+        handle = client.get_workflow_handle(wf.id, run_id=wf.run_id)
+        try:
+            phase = await handle.query("progress")
+        except RPCError:
+            phase = {}
+        desc = await handle.describe()
+        for pa in desc.raw_description.pending_activities:
+            if pa.activity_type.name != "stream.disk" or not pa.heartbeat_details.payloads:
+                continue
+            details = await client.data_converter.decode(pa.heartbeat_details.payloads)
+            out.append({"workflow": wf.id, "phase": phase.get("phase"), **details[0]})
+        if not out:
+            out.append({"workflow": wf.id, "phase": phase.get("phase")})
+    return out
+
+
+async def _print_progress(client: Client, name: str) -> None:
+    for p in await running_cycle_progress(client, name):
+        if "bytes_total" in p:
+            done = p["bytes_read"] + p["bytes_zero"] + p["bytes_skipped"]
+            eta = p.get("eta_seconds")
+            click.echo(
+                f"  {p['phase']}: {_human_bytes(done)} / {_human_bytes(p['bytes_total'])} "
+                f"at {_human_bytes(p['rate'])}/s, ETA {format_duration(eta) if eta else '-'}"
+            )
+        else:
+            click.echo(f"  cycle {p['workflow']}: {p['phase']}")
+
+
+@main.command()
+@click.argument("name", required=False)
+@run_async
+async def status(name: str | None) -> None:
+    """Protections with health, RPO target/achieved, last point and live progress."""
+    cat = _catalog()
+    records = [cat.get_protection(name)] if name else cat.list_protections()
+    client = await _client()
+    click.echo(f"{'PROTECTION':20} {'SOURCE->TARGET':24} {'STATE':11} {'HEALTH':8} "
+               f"{'RPO tgt/last/p95':20} {'LAST POINT':14} CYCLES ok/failed")
+    for rec in records:
+        try:
+            st = await client.get_workflow_handle(replication_id(rec.name)).query(
+                "status", result_type=ReplicationStatus)
+        except RPCError:
+            st = None
+        pair = f"{rec.spec.source_platform}->{rec.spec.target_platform}"
+        if st is None:
+            click.echo(f"{rec.name:20} {pair:24} {rec.state.value:11} {rec.health.value:8} "
+                       f"(workflow not running)")
+            continue
+        rpo = (f"{format_duration(st.rpo_target_seconds)}/"
+               f"{format_duration(st.rpo_last_seconds) if st.rpo_last_seconds else '-'}/"
+               f"{format_duration(st.rpo_p95_seconds) if st.rpo_p95_seconds else '-'}")
+        click.echo(f"{rec.name:20} {pair:24} {st.state.value:11} {st.health.value:8} {rpo:20} "
+                   f"{_age(st.last_point_instant):14} {st.cycles_ok}/{st.cycles_failed}")
+        if st.health.value != "healthy":
+            click.echo(f"  {st.health_reason}")
+        await _print_progress(client, rec.name)
+
+
+@main.command()
+@click.argument("name")
+def points(name: str) -> None:
+    """Recovery points of a protection, oldest first."""
+    cat = _catalog()
+    try:
+        pts = cat.points(name)
+    except Exception as e:
+        fail(str(e))
+        return
+    for p in pts:
+        click.echo(f"{p.id:36} seq={p.seq:<5} {p.instant.isoformat(timespec='seconds')} "
+                   f"{p.kind.value:11} {p.consistency:11} written={_human_bytes(p.bytes_written)}")
+
+
+async def _update(name: str, update: str, arg: Any = None) -> ReplicationStatus:
+    client = await _client()
+    handle = client.get_workflow_handle(replication_id(name))
+    try:
+        if arg is None:
+            return await handle.execute_update(update, result_type=ReplicationStatus)
+        return await handle.execute_update(update, arg, result_type=ReplicationStatus)
+    except RPCError as e:
+        fail(f"protection {name!r}: {e.message}")
+        raise
+    except Exception as e:
+        fail(f"protection {name!r}: {_failure_text(e)}")
+        raise
+
+
+@main.command()
+@click.argument("name")
+@click.option("--wait/--no-wait", default=False)
+@run_async
+async def sync(name: str, wait: bool) -> None:
+    """Start a cycle now (queued behind a running one)."""
+    st = await _update(name, "sync_now")
+    click.echo(f"cycle requested for {name}")
+    if wait:
+        client = await _client()
+        before = st.cycles_ok + st.cycles_failed
+        handle = client.get_workflow_handle(replication_id(name))
+        while True:
+            st = await handle.query("status", result_type=ReplicationStatus)
+            if st.cycles_ok + st.cycles_failed > before:
+                click.echo(f"last point {st.last_point_id}; health {st.health.value}")
+                return
+            await _print_progress(client, name)
+            await asyncio.sleep(2)
+
+
+@main.command()
+@click.argument("name")
+@run_async
+async def pause(name: str) -> None:
+    await _update(name, "pause")
+    click.echo(f"{name} paused")
+
+
+@main.command()
+@click.argument("name")
+@run_async
+async def resume(name: str) -> None:
+    await _update(name, "resume")
+    click.echo(f"{name} resumed")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--rpo")
+@click.option("--retention")
+@click.option("--continuous/--scheduled", default=None)
+@run_async
+async def policy(name: str, rpo: str | None, retention: str | None, continuous: bool | None) -> None:
+    """Change a protection's policy (validated before anything changes)."""
+    current = _catalog().get_protection(name).spec.policy
+    data = current.model_dump()
+    try:
+        if rpo:
+            data["rpo_seconds"] = parse_duration(rpo)
+        if retention:
+            data["retention"] = retention
+        if continuous is not None:
+            data["continuous"] = continuous
+        new = ProtectionPolicy.model_validate(data)
+    except (ValidationError, ValueError) as e:
+        fail(str(e))
+        return
+    await _update(name, "set_policy", PolicyChange(policy=new))
+    click.echo(f"{name}: rpo {format_duration(new.rpo_seconds)}, retention {new.retention.describe()}")
+
+
+@main.command()
+@click.argument("name")
+@run_async
+async def unprotect(name: str) -> None:
+    """Stop replicating (points stay on the target)."""
+    await _update(name, "remove")
+    click.echo(f"{name}: replication stopped; its points remain")
+
+
+@main.command()
+@click.argument("point_id")
+@run_async
+async def verify(point_id: str) -> None:
+    """Re-read a point and compare every block with its manifest."""
+    client = await _client()
+    try:
+        result: VerifyResult = await client.execute_workflow(
+            VERIFY_WORKFLOW, VerifyInput(point_id=point_id), id=verify_id(point_id),
+            task_queue=CONTROL_TASK_QUEUE, result_type=VerifyResult,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        )
+    except WorkflowFailureError as e:
+        fail(_failure_text(e))
+        return
+    blocks = sum(result.disks.values())
+    click.echo(f"point {point_id}: OK, {blocks} blocks on {len(result.disks)} disk(s) match the manifest")
+
+
+@main.command()
+@click.argument("point_id")
+@click.option("--name", required=True, help="name of the VM to create")
+@click.option("--network", default="", help="target network (default: isolated)")
+@run_async
+async def boot(point_id: str, name: str, network: str) -> None:
+    """Boot a VM from a point on a throw-away overlay (the point is never written)."""
+    client = await _client()
+    try:
+        result: BootResult = await client.execute_workflow(
+            BOOT_WORKFLOW, BootInput(point_id=point_id, name=name, network=network,
+                                     isolated=not network),
+            id=boot_id(point_id, name), task_queue=CONTROL_TASK_QUEUE, result_type=BootResult,
+        )
+    except (WorkflowFailureError, ValidationError) as e:
+        fail(_failure_text(e))
+        return
+    click.echo(f"VM {result.name} running ({result.instance_id}); console log {result.console_log}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Settings for the worker, the CLI and the activities.
+
+Read from environment variables (``TRANSCEND_*``) and, when present, a TOML file
+(``TRANSCEND_CONFIG`` or ``$TRANSCEND_HOME/transcend.toml``); the environment wins.
+Embedded defaults: the dev server on localhost:7233, a SQLite catalog and state
+under ``$TRANSCEND_HOME`` (default ``/var/lib/transcend``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    home: Path = Field(default=Path("/var/lib/transcend"))
+    catalog_url: str = ""
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    temporal_tls_cert: str = ""
+    temporal_tls_key: str = ""
+    temporal_tls_ca: str = ""
+    site: str = "local"
+    secret_key_file: str = ""
+    codec_key_file: str = ""
+
+    @property
+    def effective_catalog_url(self) -> str:
+        return self.catalog_url or f"sqlite:///{self.home / 'catalog.sqlite'}"
+
+    @property
+    def task_queue(self) -> str:
+        return site_task_queue(self.site)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+
+def site_task_queue(site: str) -> str:
+    """Each site's worker listens on its own queue so activities run next to their data."""
+    return f"transcend-{site}"
+
+
+_ENV = {
+    "home": "TRANSCEND_HOME",
+    "catalog_url": "TRANSCEND_CATALOG_URL",
+    "temporal_address": "TRANSCEND_TEMPORAL_ADDRESS",
+    "temporal_namespace": "TRANSCEND_TEMPORAL_NAMESPACE",
+    "temporal_tls_cert": "TRANSCEND_TEMPORAL_TLS_CERT",
+    "temporal_tls_key": "TRANSCEND_TEMPORAL_TLS_KEY",
+    "temporal_tls_ca": "TRANSCEND_TEMPORAL_TLS_CA",
+    "site": "TRANSCEND_SITE",
+    "secret_key_file": "TRANSCEND_SECRET_KEY_FILE",
+    "codec_key_file": "TRANSCEND_CODEC_KEY_FILE",
+}
+
+
+def load_settings(config_file: str | None = None) -> Settings:
+    values: dict[str, object] = {}
+    home = os.environ.get("TRANSCEND_HOME", "/var/lib/transcend")
+    path = Path(config_file or os.environ.get("TRANSCEND_CONFIG") or Path(home) / "transcend.toml")
+    if path.is_file():
+        with path.open("rb") as f:
+            values.update(tomllib.load(f))
+    for field, env in _ENV.items():
+        if env in os.environ:
+            values[field] = os.environ[env]
+    return Settings.model_validate(values)
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    """Process-wide settings (tests call ``settings.cache_clear()`` after changing env)."""
+    return load_settings()

@@ -1,0 +1,326 @@
+"""Pydantic models for everything that crosses an activity, workflow or CLI boundary.
+
+Every model is strict about its input (``extra="forbid"``) so that a typo in a
+workflow input or a policy is rejected with an error naming the field, and
+nothing is half-applied (DESIGN.md invariant 6).
+
+These models are also the programmatic API: other systems import them (or
+reproduce their JSON shape) to start workflows. Renaming a field is a breaking
+change; see docs/workflow-api.md.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case name: a-z 0-9 . _ -")]
+DiskId = str
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+class PlatformKind(StrEnum):
+    KVM = "kvm"
+    CLOUDSTACK = "cloudstack"
+    VMWARE = "vmware"
+    HYPERV = "hyperv"
+    AWS = "aws"
+    AZURE = "azure"
+    NUTANIX = "nutanix"
+
+
+# --------------------------------------------------------------------------- platforms
+
+
+class PlatformSpec(Model):
+    """One endpoint with credentials. ``secret`` is stored encrypted in the catalog and
+    never travels through workflow history: activities load it from the catalog."""
+
+    name: Name
+    kind: PlatformKind
+    site: Name = "local"
+    config: dict[str, Any] = Field(default_factory=dict, description="non-secret settings")
+    secret: dict[str, str] = Field(default_factory=dict, description="credentials")
+
+
+class PlatformInfo(Model):
+    name: str
+    kind: PlatformKind
+    site: str
+    config: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+class DiskInfo(Model):
+    id: DiskId = Field(description="stable id of the disk within its workload (KVM: target dev)")
+    size: int = Field(ge=0, description="virtual size in bytes")
+    name: str = ""
+    bus: str = "virtio"
+    boot_order: int | None = None
+    source: str = Field(default="", description="where the platform keeps it (path, URL, id)")
+
+
+class NicInfo(Model):
+    mac: str = ""
+    network: str = ""
+    model: str = "virtio"
+
+
+class WorkloadRef(Model):
+    platform: str
+    id: str = Field(description="platform's id for the VM (KVM: domain UUID or name)")
+
+
+class Workload(Model):
+    ref: WorkloadRef
+    name: str
+    cpus: int = Field(ge=1)
+    memory_mib: int = Field(ge=1)
+    firmware: Literal["bios", "efi"] = "bios"
+    secure_boot: bool = False
+    machine: str = ""
+    disks: list[DiskInfo]
+    nics: list[NicInfo] = Field(default_factory=list)
+    os_family: str = "linux"
+    power_state: str = "unknown"
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class RetentionRule(Model):
+    """Keep one point per ``every`` seconds for ``keep_for`` seconds (every=0: all points)."""
+
+    every: int = Field(ge=0)
+    keep_for: int = Field(gt=0)
+
+
+class RetentionPolicy(Model):
+    rules: list[RetentionRule] = Field(min_length=1)
+    min_points: int = Field(default=1, ge=1, description="never keep fewer than this")
+
+    @classmethod
+    def parse(cls, text: str) -> RetentionPolicy:
+        """Parse ``"all 4h, hourly 2d, daily 2w"`` (also ``every 15m for 6h``)."""
+        return cls(rules=[_parse_rule(part) for part in text.split(",") if part.strip()])
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"{'all' if r.every == 0 else 'every ' + format_duration(r.every)} "
+            f"for {format_duration(r.keep_for)}"
+            for r in self.rules
+        )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_NAMED_EVERY = {"all": 0, "hourly": 3600, "daily": 86400, "weekly": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``"90s"``, ``"15m"``, ``"4h"``, ``"2d"``, ``"2w"`` or plain seconds."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 4h, 2d, 2w)")
+    return int(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def format_duration(seconds: float) -> str:
+    s = int(seconds)
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size and s % size == 0:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _parse_rule(text: str) -> RetentionRule:
+    words = text.split()
+    if len(words) == 2 and words[0] in _NAMED_EVERY:
+        return RetentionRule(every=_NAMED_EVERY[words[0]], keep_for=parse_duration(words[1]))
+    if len(words) == 4 and words[0] == "every" and words[2] == "for":
+        return RetentionRule(every=parse_duration(words[1]), keep_for=parse_duration(words[3]))
+    raise ValueError(
+        f"retention rule {text.strip()!r} not understood; "
+        "write e.g. 'all 4h, hourly 2d, daily 2w' or 'every 15m for 6h'"
+    )
+
+
+class Priority(StrEnum):
+    CRITICAL = "critical"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class ProtectionPolicy(Model):
+    rpo_seconds: int = Field(ge=10, description="recovery point objective; cycles are scheduled to meet it")
+    retention: RetentionPolicy = Field(
+        default_factory=lambda: RetentionPolicy.parse("all 4h, hourly 2d, daily 2w")
+    )
+    continuous: bool = Field(default=False, description="start the next cycle as one commits")
+    verify_sample_blocks: int = Field(default=64, ge=0, le=100_000)
+    bandwidth_bytes_per_s: int | None = Field(default=None, gt=0)
+    priority: Priority = Priority.NORMAL
+    connections: int = Field(default=4, ge=1, le=16)
+    network_map: dict[str, str] = Field(default_factory=dict)
+    test_network: str = ""
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention_text(cls, v: Any) -> Any:
+        return RetentionPolicy.parse(v) if isinstance(v, str) else v
+
+
+class ProtectionSpec(Model):
+    """What ``transcend protect`` and other systems submit."""
+
+    name: Name
+    source_platform: str
+    workloads: list[str] = Field(min_length=1, description="VM ids or names on the source platform")
+    target_platform: str
+    policy: ProtectionPolicy
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ProtectionSpec:
+        if len(set(self.workloads)) != len(self.workloads):
+            raise ValueError("workloads: the same VM is listed twice")
+        return self
+
+
+class ProtectionState(StrEnum):
+    PREPARING = "preparing"
+    PROTECTING = "protecting"
+    PAUSED = "paused"
+    FAILED_OVER = "failed_over"
+    REMOVED = "removed"
+
+
+class Health(StrEnum):
+    HEALTHY = "healthy"
+    WARNING = "warning"
+    FAILED = "failed"
+
+
+# --------------------------------------------------------------------------- data path
+
+
+class NbdEndpoint(Model):
+    """An NBD export as a libnbd URI (``nbd+unix:///vda?socket=/run/x.sock``,
+    ``nbds://host:10809/vda?tls-certificates=/etc/transcend/pki``)."""
+
+    uri: str
+    size: int = Field(ge=0)
+    writable: bool = False
+
+
+class Checkpoint(Model):
+    """Source-side token of the last committed cycle for one disk."""
+
+    disk: DiskId
+    token: str = Field(description="bitmap/checkpoint name, CBT changeId, snapshot id, RCT id")
+    identity: str = Field(default="", description="what the token is valid for (domain UUID, disk uuid)")
+    instant: datetime | None = None
+
+
+class FreezeOptions(Model):
+    quiesce: bool = False
+    force_resync: bool = False
+
+
+class ChangeKind(StrEnum):
+    FULL = "full"  # no checkpoint yet: copy every allocated extent
+    INCREMENTAL = "incremental"  # changed extents since the checkpoint
+    RESYNC = "resync"  # checkpoint lost: read everything, write only blocks whose hash differs
+
+
+class ChangeSummary(Model):
+    disk: DiskId
+    kind: ChangeKind
+    reason: str = ""
+    extents: int = 0
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    disk_size: int = 0
+    granularity: int = 65536
+
+
+class FrozenHandle(Model):
+    """Serializable description of a frozen instant; any worker of the source site can
+    reopen it (``Source.reopen``) after a crash, so every step stays idempotent."""
+
+    platform: str
+    protection: str
+    cycle_id: str
+    instant: datetime
+    disks: list[DiskInfo]
+    kinds: dict[DiskId, ChangeKind]
+    reasons: dict[DiskId, str] = Field(default_factory=dict)
+    consistency: Literal["crash", "application"] = "crash"
+    data: dict[str, Any] = Field(default_factory=dict, description="connector-specific state")
+
+
+class StagingHandle(Model):
+    platform: str
+    protection: str
+    cycle_id: str
+    disks: list[DiskInfo]
+    data: dict[str, Any] = Field(default_factory=dict, description="connector-specific state")
+
+
+class PointDisk(Model):
+    disk: DiskId
+    size: int
+    location: str = Field(description="connector-specific: layer path, snapshot id, ...")
+    block_size: int
+    manifest_sha256: str = ""
+
+
+class RecoveryPoint(Model):
+    id: str
+    protection: str
+    seq: int
+    instant: datetime
+    committed_at: datetime
+    consistency: Literal["crash", "application"] = "crash"
+    disks: list[PointDisk]
+    bytes_written: int = 0
+    kind: ChangeKind = ChangeKind.INCREMENTAL
+
+
+class PointMeta(Model):
+    cycle_id: str
+    instant: datetime
+    consistency: Literal["crash", "application"] = "crash"
+    block_size: int
+    kind: ChangeKind
+    bytes_written: int = 0
+    checkpoints: list[Checkpoint] = Field(
+        default_factory=list, description="source checkpoints that become current on commit"
+    )
+
+
+class BootSpec(Model):
+    name: str
+    network: str = Field(default="", description="target network; empty = isolated")
+    isolated: bool = True
+    cpus: int | None = None
+    memory_mib: int | None = None
+    workload: Workload | None = None
+
+
+class Instance(Model):
+    platform: str
+    id: str
+    name: str
+    console_log: str = ""
+    overlays: list[str] = Field(default_factory=list)
+    network: str = ""
+    state: str = "running"

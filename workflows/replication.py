@@ -1,0 +1,371 @@
+"""The long-lived owner of one protection: ``replication/<protection>``.
+
+It registers the protection (validating everything before the catalog is written),
+creates the Temporal Schedule that starts cycles at the RPO cadence, then follows
+the cycles' outcomes (signalled by each CycleWorkflow): last point, RPO achieved,
+health, the search attributes the Temporal UI filters on. It accepts updates to
+pause, resume, change the policy and sync now, and continues-as-new so its history
+stays bounded however long the protection lives.
+
+Deterministic: no I/O, clock or randomness but Temporal's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import SearchAttributeUpdate
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from temporal import search_attributes as sa
+    from transcend.api import (
+        CONTROL_TASK_QUEUE,
+        REPLICATION_WORKFLOW,
+        CycleOutcome,
+        PauseInput,
+        PolicyChange,
+        PolicyUpdate,
+        ProtectionView,
+        RegisterPlan,
+        RegisterWorkloads,
+        ReplicationCarry,
+        ReplicationInput,
+        ReplicationStatus,
+        ScheduleInput,
+        StateChange,
+    )
+    from transcend.config import site_task_queue
+    from transcend.models import Health, ProtectionPolicy, ProtectionState, Workload
+    from workflows.cycle import SHORT
+
+MIN_INTERVAL = 10
+WINDOW = 50  # cycles kept for p95 and cadence
+MAX_EVENTS_PER_RUN = 500
+FAILED_AFTER = 3
+
+
+def p95(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def schedule_interval(policy: ProtectionPolicy, cycle_seconds: list[float]) -> int:
+    """Start cycles often enough that interval + cycle time stays within the RPO."""
+    if policy.continuous:
+        return max(MIN_INTERVAL, policy.rpo_seconds)
+    expected = p95(cycle_seconds) or 0.0
+    return max(MIN_INTERVAL, int(policy.rpo_seconds - expected))
+
+
+@workflow.defn(name=REPLICATION_WORKFLOW)
+class ReplicationWorkflow:
+    def __init__(self) -> None:
+        self._protection = ""
+        self._view: ProtectionView | None = None
+        self._carry = ReplicationCarry()
+        self._outcomes: list[CycleOutcome] = []
+        self._events = 0
+        self._lock = asyncio.Lock()
+        self._removed = False
+        self._current_cycle: str | None = None
+        self._health = Health.HEALTHY
+        self._health_reason = "no cycle yet"
+
+    # ------------------------------------------------------------------ run
+
+    @workflow.run
+    async def run(self, inp: ReplicationInput) -> ReplicationStatus:
+        self._protection = inp.protection
+        if inp.carry is not None:
+            self._carry = inp.carry
+        if inp.spec is not None and inp.carry is None:
+            if inp.spec.name != inp.protection:
+                raise ApplicationError(
+                    f"spec.name {inp.spec.name!r} differs from protection {inp.protection!r}",
+                    non_retryable=True,
+                )
+            self._view = await self._register(inp)
+        else:
+            self._view = await workflow.execute_activity(
+                "protection.view", inp.protection, result_type=ProtectionView,
+                task_queue=CONTROL_TASK_QUEUE, **SHORT
+            )
+        self._evaluate_health()
+        self._upsert_attributes()
+        if inp.carry is None:
+            self._carry.interval_seconds = schedule_interval(self._view.policy, [])
+            await self._ensure_schedule(trigger_now=self._carry.last_point_id is None)
+        while True:
+            try:
+                await workflow.wait_condition(
+                    lambda: bool(self._outcomes) or self._removed or self._should_continue(),
+                    timeout=timedelta(seconds=self._view_policy().rpo_seconds),
+                )
+            except TimeoutError:
+                # No cycle finished within an RPO: re-evaluate health (a stopped worker or
+                # a stuck source shows up as an RPO breach here, not only after a cycle).
+                self._evaluate_health()
+                self._upsert_attributes()
+                continue
+            async with self._lock:
+                while self._outcomes:
+                    await self._on_outcome(self._outcomes.pop(0))
+            if self._removed:
+                break
+            if self._should_continue():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(
+                    ReplicationInput(protection=self._protection, carry=self._carry)
+                )
+        return self.status()
+
+    def _should_continue(self) -> bool:
+        return self._events >= MAX_EVENTS_PER_RUN or workflow.info().is_continue_as_new_suggested()
+
+    def _view_policy(self) -> ProtectionPolicy:
+        assert self._view is not None
+        return self._view.policy
+
+    async def _register(self, inp: ReplicationInput) -> ProtectionView:
+        assert inp.spec is not None
+        plan: RegisterPlan = await workflow.execute_activity(
+            "protection.resolve", inp.spec, result_type=RegisterPlan,
+            task_queue=CONTROL_TASK_QUEUE, **SHORT
+        )
+        workloads: list[Workload] = await workflow.execute_activity(
+            "source.describe", plan, result_type=list[Workload],
+            task_queue=site_task_queue(plan.source.site), **SHORT
+        )
+        args = RegisterWorkloads(plan=plan, workloads=workloads)
+        await workflow.execute_activity(
+            "target.check", args, task_queue=site_task_queue(plan.target.site),
+            **SHORT
+        )
+        view: ProtectionView = await workflow.execute_activity(
+            "protection.add", args, result_type=ProtectionView,
+            task_queue=CONTROL_TASK_QUEUE, **SHORT
+        )
+        return view
+
+    async def _ensure_schedule(self, trigger_now: bool = False) -> None:
+        assert self._view is not None
+        await workflow.execute_activity(
+            "schedule.ensure",
+            ScheduleInput(
+                protection=self._protection,
+                interval_seconds=self._carry.interval_seconds,
+                paused=self._carry.paused,
+                trigger_now=trigger_now,
+                search_attributes={
+                    "SOURCE_PLATFORM": self._view.source.name,
+                    "TARGET_PLATFORM": self._view.target.name,
+                    "SOURCE_KIND": self._view.source.kind.value,
+                    "TARGET_KIND": self._view.target.kind.value,
+                },
+            ),
+            task_queue=CONTROL_TASK_QUEUE, **SHORT
+        )
+
+    # ------------------------------------------------------------------ outcomes
+
+    @workflow.signal(name="cycle_finished")
+    def cycle_finished(self, outcome: CycleOutcome) -> None:
+        self._outcomes.append(outcome)
+
+    @workflow.signal(name="cycle_started")
+    def cycle_started(self, cycle_id: str) -> None:
+        self._current_cycle = cycle_id
+
+    async def _on_outcome(self, o: CycleOutcome) -> None:
+        self._events += 1
+        self._current_cycle = None
+        c = self._carry
+        if o.status == "committed":
+            c.cycles_ok += 1
+            c.consecutive_failures = 0
+            c.last_point_id = o.point_id
+            c.last_point_instant = o.instant
+            if o.rpo_seconds is not None:
+                c.recent_rpo = [*c.recent_rpo, o.rpo_seconds][-WINDOW:]
+            c.recent_cycle_seconds = [*c.recent_cycle_seconds, o.wall_seconds][-WINDOW:]
+            c.last_error = ""
+        elif o.status == "failed":
+            c.cycles_failed += 1
+            c.consecutive_failures += 1
+            c.last_error = o.error
+        before = (self._health, self._health_reason)
+        self._evaluate_health()
+        self._upsert_attributes()
+        if (self._health, self._health_reason) != before:
+            await workflow.execute_activity(
+                "protection.set_state",
+                StateChange(
+                    protection=self._protection,
+                    state=ProtectionState.PAUSED if c.paused else ProtectionState.PROTECTING,
+                    health=self._health, reason=self._health_reason,
+                ),
+                task_queue=CONTROL_TASK_QUEUE, **SHORT
+            )
+        policy = self._view_policy()
+        wanted = schedule_interval(policy, c.recent_cycle_seconds)
+        if abs(wanted - c.interval_seconds) > max(5, c.interval_seconds // 5):
+            c.interval_seconds = wanted
+            await self._ensure_schedule()
+        if policy.continuous and o.status == "committed" and not c.paused:
+            await workflow.execute_activity(
+                "schedule.trigger", self._protection, task_queue=CONTROL_TASK_QUEUE,
+                **SHORT
+            )
+
+    def _evaluate_health(self) -> None:
+        c = self._carry
+        target = self._view_policy().rpo_seconds
+        now = workflow.now()
+        age = (now - c.last_point_instant).total_seconds() if c.last_point_instant else None
+        if c.paused:
+            self._health, self._health_reason = Health.WARNING, "replication paused; resume it"
+        elif c.consecutive_failures >= FAILED_AFTER:
+            self._health = Health.FAILED
+            self._health_reason = (
+                f"{c.consecutive_failures} cycles failed in a row; last error: {c.last_error}. "
+                "Fix the cause, then `transcend sync` to retry now"
+            )
+        elif c.consecutive_failures:
+            self._health = Health.WARNING
+            self._health_reason = f"last cycle failed: {c.last_error}"
+        elif c.recent_rpo and c.recent_rpo[-1] > target:
+            self._health = Health.WARNING
+            self._health_reason = (
+                f"RPO {c.recent_rpo[-1]:.0f}s exceeded the target {target}s: cycles take "
+                "longer than the RPO allows; raise the RPO, the bandwidth or use continuous mode"
+            )
+        elif age is not None and age > target * 2 and c.cycles_ok:
+            self._health = Health.WARNING
+            self._health_reason = f"no new point for {age:.0f}s (RPO target {target}s)"
+        elif c.last_point_id is None:
+            self._health, self._health_reason = Health.HEALTHY, "waiting for the first point"
+        else:
+            self._health, self._health_reason = Health.HEALTHY, "within RPO"
+
+    def _upsert_attributes(self) -> None:
+        assert self._view is not None
+        c = self._carry
+        updates: list[SearchAttributeUpdate[Any]] = [
+            sa.PROTECTION.value_set(self._protection),
+            sa.SOURCE_PLATFORM.value_set(self._view.source.name),
+            sa.TARGET_PLATFORM.value_set(self._view.target.name),
+            sa.SOURCE_KIND.value_set(self._view.source.kind.value),
+            sa.TARGET_KIND.value_set(self._view.target.kind.value),
+            sa.SITE.value_set(self._view.source.site),
+            sa.HEALTH.value_set(self._health.value),
+            sa.STATE.value_set("paused" if c.paused else "protecting"),
+            sa.RPO_TARGET.value_set(self._view.policy.rpo_seconds),
+        ]
+        if c.recent_rpo:
+            updates.append(sa.RPO_ACHIEVED.value_set(int(c.recent_rpo[-1])))
+        if c.last_point_instant:
+            updates.append(sa.LAST_POINT.value_set(c.last_point_instant))
+        workflow.upsert_search_attributes(updates)
+
+    # ------------------------------------------------------------------ operator API
+
+    @workflow.query
+    def status(self) -> ReplicationStatus:
+        c = self._carry
+        policy = self._view.policy if self._view else None
+        return ReplicationStatus(
+            protection=self._protection,
+            state=ProtectionState.PAUSED if c.paused else (
+                ProtectionState.REMOVED if self._removed else ProtectionState.PROTECTING
+            ),
+            health=self._health,
+            health_reason=self._health_reason,
+            rpo_target_seconds=policy.rpo_seconds if policy else 0,
+            rpo_last_seconds=c.recent_rpo[-1] if c.recent_rpo else None,
+            rpo_p95_seconds=p95(c.recent_rpo),
+            last_point_id=c.last_point_id,
+            last_point_instant=c.last_point_instant,
+            cycles_ok=c.cycles_ok,
+            cycles_failed=c.cycles_failed,
+            schedule_interval_seconds=c.interval_seconds,
+            current_cycle=self._current_cycle,
+            last_error=c.last_error,
+        )
+
+    @workflow.update(name="pause")
+    async def pause(self) -> ReplicationStatus:
+        return await self._set_paused(True)
+
+    @workflow.update(name="resume")
+    async def resume(self) -> ReplicationStatus:
+        return await self._set_paused(False)
+
+    async def _set_paused(self, paused: bool) -> ReplicationStatus:
+        await workflow.wait_condition(lambda: self._view is not None)
+        async with self._lock:
+            if self._carry.paused != paused:
+                await workflow.execute_activity(
+                    "schedule.pause", PauseInput(protection=self._protection, paused=paused),
+                    task_queue=CONTROL_TASK_QUEUE, **SHORT
+                )
+                self._carry.paused = paused
+                self._evaluate_health()
+                await workflow.execute_activity(
+                    "protection.set_state",
+                    StateChange(
+                        protection=self._protection,
+                        state=ProtectionState.PAUSED if paused else ProtectionState.PROTECTING,
+                        health=self._health, reason=self._health_reason,
+                    ),
+                    task_queue=CONTROL_TASK_QUEUE, **SHORT
+                )
+                self._upsert_attributes()
+        return self.status()
+
+    @workflow.update(name="set_policy")
+    async def set_policy(self, change: PolicyChange) -> ReplicationStatus:
+        await workflow.wait_condition(lambda: self._view is not None)
+        async with self._lock:
+            assert self._view is not None
+            await workflow.execute_activity(
+                "protection.update_policy",
+                PolicyUpdate(protection=self._protection, policy=change.policy),
+                task_queue=CONTROL_TASK_QUEUE, **SHORT
+            )
+            self._view.policy = change.policy
+            self._carry.interval_seconds = schedule_interval(
+                change.policy, self._carry.recent_cycle_seconds
+            )
+            await self._ensure_schedule()
+            self._evaluate_health()
+            self._upsert_attributes()
+        return self.status()
+
+    @workflow.update(name="sync_now")
+    async def sync_now(self) -> ReplicationStatus:
+        await workflow.wait_condition(lambda: self._view is not None)
+        if self._carry.paused:
+            raise ApplicationError("protection is paused; resume it first", non_retryable=True)
+        await workflow.execute_activity(
+            "schedule.trigger", self._protection, task_queue=CONTROL_TASK_QUEUE,
+            **SHORT
+        )
+        return self.status()
+
+    @workflow.update(name="remove")
+    async def remove(self) -> ReplicationStatus:
+        """Stop replicating: the schedule is deleted; recovery points stay on the target."""
+        await workflow.wait_condition(lambda: self._view is not None)
+        async with self._lock:
+            await workflow.execute_activity(
+                "schedule.delete", self._protection, task_queue=CONTROL_TASK_QUEUE,
+                **SHORT
+            )
+            self._removed = True
+        return self.status()
