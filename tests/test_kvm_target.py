@@ -28,6 +28,7 @@ from connectors.base import ConnectorError, PermanentError, Staging, Target
 from connectors.kvm import domain as dx
 from connectors.kvm.qemu import backing_path, export_sha256, processes_using, qcow2_header
 from connectors.kvm.target import Busy, KvmTarget
+from tests.harness.libvirtd import traversable
 from transcend.models import (
     BootSpec,
     ChangeKind,
@@ -493,22 +494,6 @@ def _libvirt() -> object | None:
         return None
     conn.close()
     return libvirt
-
-
-@contextlib.contextmanager
-def traversable(path: Path) -> Iterator[None]:
-    """Let the unprivileged qemu user reach ``path`` (pytest's tmp dirs are 0700)."""
-    changed = []
-    for p in [path, *path.parents]:
-        mode = stat.S_IMODE(p.stat().st_mode)
-        if not mode & stat.S_IXOTH:
-            os.chmod(p, mode | stat.S_IXOTH)
-            changed.append((p, mode))
-    try:
-        yield
-    finally:
-        for p, mode in changed:
-            os.chmod(p, mode)
 
 
 @pytest.mark.skipif(_libvirt() is None, reason="needs libvirtd at qemu:///system")

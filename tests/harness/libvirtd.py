@@ -21,6 +21,7 @@ import dataclasses
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -405,3 +406,19 @@ def wait_for_console(
                 f"--- console tail ---\n{text[-3000:]}"
             )
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def traversable(path: Path) -> Iterator[None]:
+    """Let the unprivileged qemu user reach ``path`` (pytest's tmp dirs are 0700)."""
+    changed = []
+    for p in [path, *path.parents]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            os.chmod(p, mode | stat.S_IXOTH)
+            changed.append((p, mode))
+    try:
+        yield
+    finally:
+        for p, mode in changed:
+            os.chmod(p, mode)
