@@ -60,6 +60,9 @@ from transcend.models import (
 
 log = logging.getLogger(__name__)
 
+FLUSH_INTERVAL_MAX = 64 << 20
+FLUSH_INTERVAL_MIN = 1 << 20
+FLUSH_SECONDS = 5
 HEARTBEAT_EVERY = 2.0
 
 
@@ -274,7 +277,7 @@ class CycleActivities:
             connections=inp.ctx.policy.connections,
             rate_limit=inp.ctx.policy.bandwidth_bytes_per_s,
             start_offset=resume_from,
-            flush_interval=64 << 20,
+            flush_interval=flush_interval(inp.ctx.policy.bandwidth_bytes_per_s),
         )
         return stream, manifest, original, mpath, changes, resume_from
 
@@ -459,6 +462,18 @@ class CycleActivities:
     async def protection_state(self, protection: str) -> ProtectionState:
         rec = await asyncio.to_thread(self.ctx.catalog.get_protection, protection)
         return rec.state
+
+
+def flush_interval(bandwidth: int | None) -> int:
+    """Bytes written between flushes, i.e. how far ``durable_offset`` lags the copy.
+
+    A crashed attempt re-copies at most this much. Unthrottled: 64 MiB (a flush per
+    fraction of a second at LAN speed). Throttled: about five seconds of the limit, so
+    a slow WAN link still makes durable progress that a retry can resume from.
+    """
+    if bandwidth is None:
+        return FLUSH_INTERVAL_MAX
+    return max(FLUSH_INTERVAL_MIN, min(FLUSH_INTERVAL_MAX, bandwidth * FLUSH_SECONDS))
 
 
 def _progress_details(p: blockstream.Progress, durable: int, started: float) -> dict[str, Any]:

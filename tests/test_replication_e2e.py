@@ -421,6 +421,14 @@ async def _bad_input(stack: Stack, tmp_path: Path) -> None:
         for needle in needles:
             assert needle in text, text
         assert all(p.name != name for p in cat.list_protections()), "a refused protection was stored"
+        # What Temporal stored is ciphertext (the payload codec): the workflow input
+        # names the VM, and that name is not readable in the history.
+        history = await handle.fetch_history()
+        started = history.events[0].workflow_execution_started_event_attributes
+        assert started.input.payloads
+        for payload in started.input.payloads:
+            assert payload.metadata["encoding"] == b"binary/encrypted"
+            assert vm.encode() not in payload.data
 
     await refused("p1", src, "no-such-vm", dst, "no-such-vm")
     cat.add_platform(PlatformSpec(name="dead-libvirt", kind=PlatformKind.KVM,
