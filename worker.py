@@ -61,6 +61,11 @@ def build_workers(client: Client, s: Settings, *, control: bool = True) -> list[
         activities=acts,
         max_concurrent_activities=32,
         graceful_shutdown_timeout=timedelta(seconds=30),
+        # The SDK otherwise sends a heartbeat at most every 80 % of the heartbeat
+        # timeout (24 s for a stream): the durable offset a retry resumes from and
+        # the progress operators see would lag that much. Streams heartbeat every 2 s.
+        max_heartbeat_throttle_interval=timedelta(seconds=2),
+        default_heartbeat_throttle_interval=timedelta(seconds=2),
     )
     workers = [Worker(client, task_queue=s.task_queue, **common)]
     if control:

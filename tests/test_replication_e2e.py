@@ -25,7 +25,7 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from tests.harness.guest import BOOT_MARKER, ERROR_MARKER, GuestImage, build_guest, make_guest_disk
-from tests.harness.libvirtd import ensure_libvirtd, running_domain, traversable, wait_for_console
+from tests.harness.libvirtd import DiskSpec, ensure_libvirtd, running_domain, traversable, wait_for_console
 from tests.harness.protect import (
     add_kvm_platforms,
     images_identical,
@@ -102,13 +102,21 @@ def test_full_then_incremental_cycles_verify_retention_boot(
 async def _full_then_incremental(image: GuestImage, stack: Stack, tmp_path: Path) -> None:
     vm = f"transcend-e2e-{os.getpid()}"
     disk = make_guest_disk(tmp_path / "src.qcow2", rate=20, progress_every=1000, image=image)
+    # A second disk, frozen at the same instant: 8 MiB of random data and a hole.
+    data_disk = tmp_path / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data_disk), "64M"], check=True)
+    random_file = tmp_path / "random.bin"
+    random_file.write_bytes(os.urandom(8 << 20))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {random_file} 16M 8M", str(data_disk)],
+                   check=True, capture_output=True)
     console = tmp_path / "console.log"
     cat = stack.catalog()
     src, dst = add_kvm_platforms(cat, tmp_path / "replicas")
     client = await stack.client()
     incremental = 10
+    disks = [DiskSpec(path=disk, target="vda"), DiskSpec(path=data_disk, target="vdb")]
 
-    with running_domain(vm, disk, console) as dom:
+    with running_domain(vm, disks, console) as dom:
         wait_for_console(console, rf"^{BOOT_MARKER} seq=0", BOOT_TIMEOUT,
                          fail_pattern=rf"^{ERROR_MARKER}.*", domain=dom)
         handle = await start_protection(client, protection_spec("e2e", vm, src, dst))
@@ -124,6 +132,7 @@ async def _full_then_incremental(image: GuestImage, stack: Stack, tmp_path: Path
         assert len(points) == 1 + incremental
         assert points[0].kind.value == "full"
         assert all(p.kind.value == "incremental" for p in points[1:])
+        assert all(sorted(d.disk for d in p.disks) == ["vda", "vdb"] for p in points)
         cycles = {c.point_id: c for c in cat.cycles("e2e") if c.point_id}
 
         # Every point: byte-identical to the frozen instant (re-read and hashed against
@@ -132,7 +141,7 @@ async def _full_then_incremental(image: GuestImage, stack: Stack, tmp_path: Path
         for p in points:
             result = await verify_point(client, p.id)
             assert result.ok and not result.mismatched_blocks, result
-            records = read_records(point_path(p))
+            records = read_records(point_path(p, "vda"))
             last = check_contiguous(records)
             assert last >= previous_last, "points must not go back in time"
             if p.kind.value == "incremental":
@@ -151,13 +160,14 @@ async def _full_then_incremental(image: GuestImage, stack: Stack, tmp_path: Path
             st = await sync_now(handle)
             assert st.cycles_failed == 0, st.last_error
             paused_point = cat.get_point(st.last_point_id or "")
-            same, detail = images_identical(disk, point_path(paused_point))
-            assert same, detail
+            for path, name in ((disk, "vda"), (data_disk, "vdb")):
+                same, detail = images_identical(path, point_path(paused_point, name))
+                assert same, f"{name}: {detail}"
         finally:
             dom.resume()
 
         # Retention: keep only the newest 3 points; the survivors still hash the same.
-        before = {p.id: p.disks[0].manifest_sha256 for p in cat.points("e2e")}
+        before = {p.id: {d.disk: d.manifest_sha256 for d in p.disks} for p in cat.points("e2e")}
         policy = cat.get_protection("e2e").spec.policy.model_copy(
             update={"retention": RetentionPolicy(rules=[RetentionRule(every=0, keep_for=10)],
                                                  min_points=3)})
@@ -171,9 +181,9 @@ async def _full_then_incremental(image: GuestImage, stack: Stack, tmp_path: Path
             result = await verify_point(client, p.id)
             assert result.ok, result
             if p.id in before:
-                assert p.disks[0].manifest_sha256 == before[p.id]
+                assert {d.disk: d.manifest_sha256 for d in p.disks} == before[p.id]
         last_point = remaining[-1]
-        expected_records = check_contiguous(read_records(point_path(last_point)))
+        expected_records = check_contiguous(read_records(point_path(last_point, "vda")))
 
     # Boot the newest point on a throw-away overlay: the guest sees its records.
     boot = await client.execute_workflow(
