@@ -3,11 +3,14 @@ and the mapping of connector errors onto Temporal's retry semantics."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
@@ -15,6 +18,9 @@ from connectors.base import PermanentError, Source, Target
 from connectors.registry import source_for, target_for
 from transcend.catalog import Catalog, CatalogError
 from transcend.config import Settings
+from transcend.secrets import SecretError
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -25,7 +31,9 @@ def permanent() -> Iterator[None]:
         yield
     except PermanentError as e:
         raise ApplicationError(str(e), type=type(e).__name__, non_retryable=True) from e
-    except CatalogError as e:
+    except (CatalogError, SecretError) as e:
+        # A missing record or a key that cannot decrypt the stored credentials will not
+        # fix itself between retries.
         raise ApplicationError(str(e), type=type(e).__name__, non_retryable=True) from e
 
 
@@ -45,3 +53,19 @@ class ActivityContext:
         with permanent():
             info = self.catalog.get_platform(platform)
             return target_for(info, self.catalog.platform_secret(platform))
+
+
+#: How often in_thread() heartbeats; activities run with a heartbeat timeout of a few
+#: times this (workflows/cycle.py), so a worker killed mid-activity is noticed in
+#: seconds instead of after the activity's start-to-close timeout.
+HEARTBEAT_SECONDS = 2.0
+
+
+async def in_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run blocking connector or catalog code in a thread while heartbeating."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
+        if done:
+            return task.result()
+        activity.heartbeat()

@@ -27,7 +27,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 import blockstream
-from activities.context import ActivityContext, permanent
+from activities.context import ActivityContext, in_thread, permanent
 from connectors.base import Busy, ChangeSet, PermanentError
 from transcend import retention as retention_rules
 from transcend.api import (
@@ -103,7 +103,7 @@ class CycleActivities:
 
     @activity.defn(name="cycle.start")
     async def start(self, inp: CycleInput) -> CycleContext:
-        return await asyncio.to_thread(self._start, inp)
+        return await in_thread(self._start, inp)
 
     def _start(self, inp: CycleInput) -> CycleContext:
         cat = self.ctx.catalog
@@ -141,13 +141,13 @@ class CycleActivities:
                 target = self.ctx.target(ctx.target.name)
                 target.prepare(ctx.protection, [d for w in ctx.workloads for d in w.disks])
 
-        await asyncio.to_thread(run)
+        await in_thread(run)
 
     # ------------------------------------------------------------------ freeze
 
     @activity.defn(name="source.freeze")
     async def freeze(self, ctx: CycleContext) -> FreezeResult:
-        return await asyncio.to_thread(self._freeze, ctx)
+        return await in_thread(self._freeze, ctx)
 
     def _freeze(self, ctx: CycleContext) -> FreezeResult:
         source = self.ctx.source(ctx.source.name)
@@ -182,14 +182,14 @@ class CycleActivities:
                 )
             return staging.handle
 
-        return await asyncio.to_thread(run)
+        return await in_thread(run)
 
     @activity.defn(name="target.abort")
     async def abort(self, inp: AbortInput) -> None:
         def run() -> None:
             self.ctx.target(inp.ctx.target.name).resume(inp.staging).abort()
 
-        await asyncio.to_thread(run)
+        await in_thread(run)
 
     # ------------------------------------------------------------------ stream
 
@@ -312,7 +312,7 @@ class CycleActivities:
 
     @activity.defn(name="verify.sample")
     async def verify_sample(self, inp: VerifySampleInput) -> VerifySampleResult:
-        return await asyncio.to_thread(self._verify_sample, inp)
+        return await in_thread(self._verify_sample, inp)
 
     def _verify_sample(self, inp: VerifySampleInput) -> VerifySampleResult:
         staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
@@ -329,7 +329,7 @@ class CycleActivities:
 
     @activity.defn(name="target.commit")
     async def commit(self, inp: CommitInput) -> RecoveryPoint:
-        return await asyncio.to_thread(self._commit, inp)
+        return await in_thread(self._commit, inp)
 
     def _commit(self, inp: CommitInput) -> RecoveryPoint:
         cat = self.ctx.catalog
@@ -399,13 +399,13 @@ class CycleActivities:
             if inp.committed:
                 _remove_tree(work)
 
-        await asyncio.to_thread(run)
+        await in_thread(run)
 
     # ------------------------------------------------------------------ retention
 
     @activity.defn(name="retention.apply")
     async def retention(self, ctx: CycleContext) -> RetentionResult:
-        return await asyncio.to_thread(self._retention, ctx)
+        return await in_thread(self._retention, ctx)
 
     def _retention(self, ctx: CycleContext) -> RetentionResult:
         cat = self.ctx.catalog
@@ -456,11 +456,11 @@ class CycleActivities:
             point_id=o.point_id,
             error=o.error,
         )
-        await asyncio.to_thread(self.ctx.catalog.record_cycle, rec)
+        await in_thread(self.ctx.catalog.record_cycle, rec)
 
     @activity.defn(name="protection.state")
     async def protection_state(self, protection: str) -> ProtectionState:
-        rec = await asyncio.to_thread(self.ctx.catalog.get_protection, protection)
+        rec = await in_thread(self.ctx.catalog.get_protection, protection)
         return rec.state
 
 

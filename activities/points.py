@@ -8,7 +8,7 @@ import time
 from temporalio import activity
 
 import blockstream
-from activities.context import ActivityContext, permanent
+from activities.context import ActivityContext, in_thread, permanent
 from transcend.api import BootInput, BootResult, VerifyInput, VerifyResult
 from transcend.models import BootSpec, PlatformInfo
 
@@ -25,7 +25,7 @@ class PointActivities:
                 rec = self.ctx.catalog.get_protection(point.protection)
                 return self.ctx.catalog.get_platform(rec.spec.target_platform)
 
-        return await asyncio.to_thread(run)
+        return await in_thread(run)
 
     @activity.defn(name="point.verify")
     async def verify(self, inp: VerifyInput) -> VerifyResult:
@@ -87,4 +87,4 @@ class PointActivities:
             return BootResult(point_id=point.id, instance_id=inst.id, name=inst.name,
                               console_log=inst.console_log)
 
-        return await asyncio.to_thread(run)
+        return await in_thread(run)

@@ -3,7 +3,6 @@ Schedule that drives the RPO cadence, and state changes."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from datetime import timedelta
 
@@ -24,7 +23,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.context import ActivityContext, permanent
+from activities.context import ActivityContext, in_thread, permanent
 from temporal import search_attributes as sa
 from transcend.api import (
     CONTROL_TASK_QUEUE,
@@ -73,7 +72,7 @@ class ProtectionActivities:
                     exists=existing is not None,
                 )
 
-        return await asyncio.to_thread(run)
+        return await in_thread(run)
 
     @activity.defn(name="source.describe")
     async def describe(self, plan: RegisterPlan) -> list[Workload]:
@@ -82,7 +81,7 @@ class ProtectionActivities:
                 source = self.ctx.source(plan.source.name)
                 return [source.workload(w) for w in plan.spec.workloads]
 
-        return await asyncio.to_thread(run)
+        return await in_thread(run)
 
     @activity.defn(name="target.check")
     async def check_target(self, args: RegisterWorkloads) -> None:
@@ -91,7 +90,7 @@ class ProtectionActivities:
                 target = self.ctx.target(args.plan.target.name)
                 target.prepare(args.plan.spec.name, [d for w in args.workloads for d in w.disks])
 
-        await asyncio.to_thread(run)
+        await in_thread(run)
 
     @activity.defn(name="protection.add")
     async def add(self, args: RegisterWorkloads) -> ProtectionView:
@@ -107,7 +106,7 @@ class ProtectionActivities:
                     pass
                 return self._view(args.plan.spec.name)
 
-        return await asyncio.to_thread(run)
+        return await in_thread(run)
 
     @activity.defn(name="protection.view")
     async def view(self, protection: str) -> ProtectionView:
@@ -115,7 +114,7 @@ class ProtectionActivities:
             with permanent():
                 return self._view(protection)
 
-        return await asyncio.to_thread(run)
+        return await in_thread(run)
 
     def _view(self, protection: str) -> ProtectionView:
         cat = self.ctx.catalog
@@ -130,14 +129,15 @@ class ProtectionActivities:
 
     @activity.defn(name="protection.set_state")
     async def set_state(self, c: StateChange) -> None:
-        await asyncio.to_thread(
-            self.ctx.catalog.set_protection_state, c.protection, c.state,
-            health=c.health, reason=c.reason,
+        await in_thread(
+            lambda: self.ctx.catalog.set_protection_state(
+                c.protection, c.state, health=c.health, reason=c.reason
+            )
         )
 
     @activity.defn(name="protection.update_policy")
     async def update_policy(self, u: PolicyUpdate) -> None:
-        await asyncio.to_thread(self.ctx.catalog.update_policy, u.protection, u.policy)
+        await in_thread(self.ctx.catalog.update_policy, u.protection, u.policy)
 
     # ------------------------------------------------------------------ schedule
 

@@ -100,7 +100,26 @@ def _age(t: datetime | None) -> str:
     return format_duration(max(0, (datetime.now(UTC) - t).total_seconds())) + " ago"
 
 
-@click.group()
+class _Group(click.Group):
+    """Errors the operator can act on become one line and exit code 2, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from temporalio.exceptions import WorkflowAlreadyStartedError
+
+        from transcend.catalog import CatalogError
+
+        try:
+            return super().invoke(ctx)
+        except CatalogError as e:
+            fail(str(e))
+        except WorkflowAlreadyStartedError as e:
+            fail(f"{e.workflow_id} is already running (use `transcend status`, `policy` or "
+                 "`unprotect` to change it)")
+        except RPCError as e:
+            fail(f"Temporal: {e.message} (is the server at TRANSCEND_TEMPORAL_ADDRESS reachable?)")
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """transcend: replicate VMs across platforms and recover them."""
 

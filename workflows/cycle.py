@@ -44,8 +44,14 @@ with workflow.unsafe.imports_passed_through():
 BLOCK_SIZE = 65536
 NON_RETRYABLE = ["PermanentError", "NotFound", "NotFoundError", "AlreadyExists", "InUse"]
 
+# Every activity heartbeats (activities/context.py in_thread, the stream its progress),
+# so a worker that dies mid-activity is detected after HEARTBEAT, not after the
+# start-to-close timeout, and the step is retried on another worker at once.
+HEARTBEAT = timedelta(seconds=20)
+
 SHORT: dict[str, Any] = dict(
     start_to_close_timeout=timedelta(minutes=5),
+    heartbeat_timeout=HEARTBEAT,
     retry_policy=RetryPolicy(
         initial_interval=timedelta(seconds=1),
         maximum_interval=timedelta(seconds=30),
@@ -65,6 +71,7 @@ STREAM: dict[str, Any] = dict(
 )
 CLEANUP: dict[str, Any] = dict(
     start_to_close_timeout=timedelta(minutes=5),
+    heartbeat_timeout=HEARTBEAT,
     retry_policy=RetryPolicy(
         initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30),
         maximum_attempts=30,
@@ -110,14 +117,29 @@ class CycleWorkflow:
         source_q = site_task_queue(view.source.site)
         target_q = site_task_queue(view.target.site)
         self._phase = "start"
-        ctx: CycleContext = await workflow.execute_activity(
-            "cycle.start", inp, result_type=CycleContext, task_queue=source_q, **SHORT
-        )
+        try:
+            ctx: CycleContext = await workflow.execute_activity(
+                "cycle.start", inp, result_type=CycleContext, task_queue=source_q, **SHORT
+            )
+        except ActivityError as e:
+            # No cycle context, so nothing to record in the catalog; the replication
+            # workflow still learns of the failure (health, consecutive failures).
+            outcome = CycleOutcome(cycle_id=workflow.info().workflow_id, status="failed",
+                                   wall_seconds=(workflow.now() - t0).total_seconds(),
+                                   error=_cause(e))
+            await self._signal(inp.protection, outcome)
+            raise ApplicationError(f"cycle failed to start: {outcome.error}", type="CycleFailed") from e
         self._ctx = ctx
-        await workflow.execute_activity(
-            "target.prepare", ctx, task_queue=target_q, **SHORT
-        )
-        outcome = await self._run_cycle(ctx, source_q, target_q, t0)
+        try:
+            await workflow.execute_activity(
+                "target.prepare", ctx, task_queue=target_q, **SHORT
+            )
+        except ActivityError as e:
+            outcome = CycleOutcome(cycle_id=ctx.cycle_id, status="failed",
+                                   wall_seconds=(workflow.now() - t0).total_seconds(),
+                                   error=_cause(e))
+        else:
+            outcome = await self._run_cycle(ctx, source_q, target_q, t0)
         await self._report(ctx, outcome)
         if outcome.status == "failed":
             raise ApplicationError(f"cycle {ctx.cycle_id} failed: {outcome.error}", type="CycleFailed")
@@ -127,10 +149,17 @@ class CycleWorkflow:
         self, ctx: CycleContext, source_q: str, target_q: str, t0: Any
     ) -> CycleOutcome:
         self._phase = "freeze"
-        frozen: FreezeResult = await workflow.execute_activity(
-            "source.freeze", ctx, result_type=FreezeResult, task_queue=source_q,
-            start_to_close_timeout=timedelta(minutes=10), retry_policy=SHORT["retry_policy"],
-        )
+        try:
+            frozen: FreezeResult = await workflow.execute_activity(
+                "source.freeze", ctx, result_type=FreezeResult, task_queue=source_q,
+                start_to_close_timeout=timedelta(minutes=10), heartbeat_timeout=HEARTBEAT,
+                retry_policy=SHORT["retry_policy"],
+            )
+        except ActivityError as e:
+            return CycleOutcome(
+                cycle_id=ctx.cycle_id, status="failed",
+                wall_seconds=(workflow.now() - t0).total_seconds(), error=_cause(e),
+            )
         self._changes = frozen.changes
         staging: StagingHandle | None = None
         committed = False
@@ -180,16 +209,25 @@ class CycleWorkflow:
                 cycle_id=ctx.cycle_id, status="failed", kind=_kind(frozen.changes),
                 wall_seconds=(workflow.now() - t0).total_seconds(), error=_cause(e),
             )
+        # The point is committed from here on: a failed release or retention does not
+        # undo it; it is reported with the point so the operator sees it.
+        warnings: list[str] = []
         self._phase = "release"
-        await workflow.execute_activity(
-            "source.release", ReleaseInput(ctx=ctx, frozen=frozen.frozen, committed=True),
-            task_queue=source_q, **CLEANUP
-        )
+        try:
+            await workflow.execute_activity(
+                "source.release", ReleaseInput(ctx=ctx, frozen=frozen.frozen, committed=True),
+                task_queue=source_q, **CLEANUP
+            )
+        except ActivityError as e:
+            warnings.append(f"releasing the source failed: {_cause(e)}")
         self._phase = "retention"
-        await workflow.execute_activity(
-            "retention.apply", ctx, result_type=RetentionResult, task_queue=target_q,
-            **SHORT
-        )
+        try:
+            await workflow.execute_activity(
+                "retention.apply", ctx, result_type=RetentionResult, task_queue=target_q,
+                **SHORT
+            )
+        except ActivityError as e:
+            warnings.append(f"retention failed (retried next cycle): {_cause(e)}")
         self._phase = "done"
         previous = ctx.last_point.instant if ctx.last_point else None
         rpo = (point.committed_at - previous).total_seconds() if previous else None
@@ -198,6 +236,7 @@ class CycleWorkflow:
             committed_at=point.committed_at, kind=point.kind.value,
             bytes_written=point.bytes_written, copy_seconds=copy_seconds,
             wall_seconds=(workflow.now() - t0).total_seconds(), rpo_seconds=rpo,
+            error="; ".join(warnings),
         ) if committed else CycleOutcome(cycle_id=ctx.cycle_id, status="failed")
 
     async def _verify_sample(self, ctx: CycleContext, staging: StagingHandle, target_q: str) -> None:
@@ -253,12 +292,15 @@ class CycleWorkflow:
             ),
             task_queue=CONTROL_TASK_QUEUE, **SHORT
         )
+        await self._signal(ctx.protection, outcome)
+
+    async def _signal(self, protection: str, outcome: CycleOutcome) -> None:
         try:
-            await workflow.get_external_workflow_handle(replication_id(ctx.protection)).signal(
+            await workflow.get_external_workflow_handle(replication_id(protection)).signal(
                 "cycle_finished", outcome
             )
         except ApplicationError:
-            workflow.logger.warning("replication workflow of %s not running", ctx.protection)
+            workflow.logger.warning("replication workflow of %s not running", protection)
 
 
 def _kind(changes: list[ChangeSummary]) -> str:

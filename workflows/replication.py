@@ -117,6 +117,15 @@ class ReplicationWorkflow:
                 while self._outcomes:
                     await self._on_outcome(self._outcomes.pop(0))
             if self._removed:
+                # The catalog and the UI's search attributes say so too: a removed
+                # protection is not mistaken for one that silently stopped.
+                await workflow.execute_activity(
+                    "protection.set_state",
+                    StateChange(protection=self._protection, state=ProtectionState.REMOVED,
+                                health=self._health, reason="replication removed by the operator"),
+                    task_queue=CONTROL_TASK_QUEUE, **SHORT
+                )
+                self._upsert_attributes()
                 break
             if self._should_continue():
                 await workflow.wait_condition(workflow.all_handlers_finished)
@@ -194,7 +203,7 @@ class ReplicationWorkflow:
             if o.rpo_seconds is not None:
                 c.recent_rpo = [*c.recent_rpo, o.rpo_seconds][-WINDOW:]
             c.recent_cycle_seconds = [*c.recent_cycle_seconds, o.wall_seconds][-WINDOW:]
-            c.last_error = ""
+            c.last_error = o.error  # a warning (release or retention failed) or ""
         elif o.status == "failed":
             c.cycles_failed += 1
             c.consecutive_failures += 1
@@ -264,7 +273,7 @@ class ReplicationWorkflow:
             sa.TARGET_KIND.value_set(self._view.target.kind.value),
             sa.SITE.value_set(self._view.source.site),
             sa.HEALTH.value_set(self._health.value),
-            sa.STATE.value_set("paused" if c.paused else "protecting"),
+            sa.STATE.value_set("removed" if self._removed else ("paused" if c.paused else "protecting")),
             sa.RPO_TARGET.value_set(self._view.policy.rpo_seconds),
         ]
         if c.recent_rpo:

@@ -35,6 +35,7 @@ from typing import Any
 
 import libvirt
 
+from connectors import base
 from connectors.base import ConnectorError, NotFound, PermanentError
 from connectors.kvm import domain as dx
 from connectors.kvm.qemu import (
@@ -71,7 +72,7 @@ HANDLE_VERSION = 1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@-]{0,199}$")
 
 
-class Busy(ConnectorError):
+class Busy(base.Busy):
     """A file the operation must change is in use (an export, a staging overlay, a
     booted instance). Retryable: it succeeds once the user lets go."""
 
