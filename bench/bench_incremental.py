@@ -436,7 +436,8 @@ def main() -> int:
     ap.add_argument("--data-percent", type=int, default=50, help="allocated random data in the source (50)")
     ap.add_argument("--repeat", type=int, default=3, help="copies per case and kind; medians reported (3)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--verify", action="store_true", help="qemu-img compare the first full copy of each case with the source")
+    ap.add_argument("--verify", action="store_true",
+                    help="qemu-img compare the first full copy of each case with the source")
     ap.add_argument("--tmpdir", default="/var/tmp", help="where the images go (/var/tmp)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args()
