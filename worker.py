@@ -25,6 +25,7 @@ from temporalio.worker import Worker
 
 from activities.context import ActivityContext
 from activities.cycle import CycleActivities
+from activities.failover import FailoverActivities
 from activities.points import PointActivities
 from activities.protection import ProtectionActivities
 from transcend.api import CONTROL_TASK_QUEUE
@@ -32,16 +33,20 @@ from transcend.catalog import Catalog
 from transcend.client import connect
 from transcend.config import Settings, load_settings
 from workflows.cycle import CycleWorkflow
+from workflows.failover import TestFailoverWorkflow
 from workflows.points import BootPointWorkflow, VerifyPointWorkflow
 from workflows.replication import ReplicationWorkflow
 
 log = logging.getLogger("transcend.worker")
 
-WORKFLOWS: list[type] = [ReplicationWorkflow, CycleWorkflow, VerifyPointWorkflow, BootPointWorkflow]
+WORKFLOWS: list[type] = [
+    ReplicationWorkflow, CycleWorkflow, VerifyPointWorkflow, BootPointWorkflow, TestFailoverWorkflow,
+]
 
 
 def activities(ctx: ActivityContext) -> list[Any]:
     cycle, protection, points = CycleActivities(ctx), ProtectionActivities(ctx), PointActivities(ctx)
+    failover = FailoverActivities(ctx)
     return [
         cycle.start, cycle.prepare, cycle.freeze, cycle.begin, cycle.abort, cycle.stream,
         cycle.verify_sample, cycle.commit, cycle.release, cycle.retention, cycle.record,
@@ -51,6 +56,7 @@ def activities(ctx: ActivityContext) -> list[Any]:
         protection.ensure_schedule, protection.trigger_schedule, protection.pause_schedule,
         protection.delete_schedule,
         points.point_target, points.verify, points.boot,
+        failover.choose_point, failover.health, failover.destroy,
     ]
 
 

@@ -7,10 +7,11 @@ defined here too so the CLI, the client module and the docs agree.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from transcend.models import (
     ChangeKind,
@@ -19,6 +20,7 @@ from transcend.models import (
     DiskInfo,
     FrozenHandle,
     Health,
+    Instance,
     Model,
     PlatformInfo,
     ProtectionPolicy,
@@ -34,6 +36,7 @@ REPLICATION_WORKFLOW = "Replication"
 CYCLE_WORKFLOW = "Cycle"
 VERIFY_WORKFLOW = "VerifyPoint"
 BOOT_WORKFLOW = "BootPoint"
+TEST_FAILOVER_WORKFLOW = "TestFailover"
 
 CONTROL_TASK_QUEUE = "transcend-control"
 
@@ -56,6 +59,79 @@ def verify_id(point_id: str) -> str:
 
 def boot_id(point_id: str, name: str) -> str:
     return f"boot/{point_id}/{name}"
+
+
+def test_failover_id(protection: str) -> str:
+    """One test failover per protection at a time (the workflow id enforces it)."""
+    return f"test-failover/{protection}"
+
+
+# --------------------------------------------------------------------------- test failover
+
+
+class HealthCheck(Model):
+    """How a test failover decides the recovered VM is up.
+
+    ``console``: the regex ``pattern`` appears on the VM's serial console.
+    ``none``: the VM running is enough (RTO = time to a started VM).
+    """
+
+    kind: Literal["console", "none"] = "console"
+    pattern: str = Field(default="", max_length=500)
+    timeout_seconds: int = Field(default=600, ge=10, le=24 * 3600)
+
+    @model_validator(mode="after")
+    def _pattern(self) -> HealthCheck:
+        if self.kind == "console":
+            if not self.pattern:
+                raise ValueError("a console health check needs a pattern (a regular expression)")
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"health check pattern {self.pattern!r}: {e}") from None
+        return self
+
+
+class TestFailoverInput(Model):
+    protection: str
+    point_id: str | None = Field(default=None, description="default: the newest point")
+    health: HealthCheck = Field(default_factory=lambda: HealthCheck(kind="none"))
+    keep_seconds: int = Field(default=4 * 3600, ge=0, le=30 * 86400,
+                              description="clean up by itself after this long (0: at once)")
+    network: str = Field(default="", description="target network; empty: isolated")
+    name: str = Field(default="", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+                      description="VM name; default <protection>-test")
+
+
+class TestFailoverReport(Model):
+    """Sent to the protection's Replication workflow; shown by ``transcend status``."""
+
+    point_id: str
+    started_at: datetime
+    healthy_at: datetime | None = None
+    rto_seconds: float | None = None
+    ok: bool
+    error: str = ""
+
+
+class TestFailoverStatus(Model):
+    protection: str
+    phase: Literal["choosing", "booting", "health-check", "running", "cleaning", "done", "failed"]
+    point_id: str | None = None
+    instance: Instance | None = None
+    started_at: datetime | None = None
+    rto_seconds: float | None = None
+    error: str = ""
+
+
+class HealthInput(Model):
+    instance: Instance
+    health: HealthCheck
+
+
+class DestroyInput(Model):
+    point_id: str
+    instance: Instance
 
 
 # --------------------------------------------------------------------------- replication
@@ -96,6 +172,7 @@ class ReplicationCarry(Model):
     last_error: str = ""
     paused: bool = False
     interval_seconds: int = 0
+    test_failovers: list[TestFailoverReport] = Field(default_factory=list, description="newest last")
 
 
 class ReplicationStatus(Model):
@@ -113,6 +190,7 @@ class ReplicationStatus(Model):
     schedule_interval_seconds: int
     current_cycle: str | None
     last_error: str
+    last_test_failover: TestFailoverReport | None = None
 
 
 class PolicyChange(Model):

@@ -26,16 +26,21 @@ from transcend.api import (
     CONTROL_TASK_QUEUE,
     CYCLE_WORKFLOW,
     REPLICATION_WORKFLOW,
+    TEST_FAILOVER_WORKFLOW,
     VERIFY_WORKFLOW,
     BootInput,
     BootResult,
+    HealthCheck,
     PolicyChange,
     ReplicationInput,
     ReplicationStatus,
+    TestFailoverInput,
+    TestFailoverStatus,
     VerifyInput,
     VerifyResult,
     boot_id,
     replication_id,
+    test_failover_id,
     verify_id,
 )
 from transcend.models import (
@@ -350,6 +355,11 @@ async def status(name: str | None) -> None:
                    f"{_age(st.last_point_instant):14} {st.cycles_ok}/{st.cycles_failed}")
         if st.health.value != "healthy":
             click.echo(f"  {st.health_reason}")
+        if st.last_test_failover is not None:
+            t = st.last_test_failover
+            result = (f"RTO {t.rto_seconds:.1f}s" if t.ok and t.rto_seconds is not None
+                      else f"FAILED: {t.error}")
+            click.echo(f"  last test failover {_age(t.started_at)} from point {t.point_id}: {result}")
         await _print_progress(client, rec.name)
 
 
@@ -443,6 +453,76 @@ async def policy(name: str, rpo: str | None, retention: str | None, continuous: 
         return
     await _update(name, "set_policy", PolicyChange(policy=new))
     click.echo(f"{name}: rpo {format_duration(new.rpo_seconds)}, retention {new.retention.describe()}")
+
+
+@main.command("test-failover")
+@click.argument("protection")
+@click.option("--point", "point_id", default=None, help="point id (default: the newest)")
+@click.option("--console-pattern", default="",
+              help="regex that must appear on the VM's serial console (default: VM started is enough)")
+@click.option("--health-timeout", default="10m", show_default=True)
+@click.option("--keep", default="4h", show_default=True, help="clean up by itself after this long")
+@click.option("--network", default="", help="target network (default: isolated)")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the health check")
+@run_async
+async def test_failover(protection: str, point_id: str | None, console_pattern: str,
+                        health_timeout: str, keep: str, network: str, wait: bool) -> None:
+    """Boot a point as a throw-away VM in an isolated network and measure the RTO.
+    Replication continues; `transcend cleanup PROTECTION` ends the test."""
+    try:
+        inp = TestFailoverInput(
+            protection=protection, point_id=point_id, network=network,
+            keep_seconds=parse_duration(keep),
+            health=HealthCheck(kind="console" if console_pattern else "none", pattern=console_pattern,
+                               timeout_seconds=parse_duration(health_timeout)),
+        )
+    except (ValidationError, ValueError) as e:
+        fail(str(e))
+        return
+    client = await _client()
+    handle = await client.start_workflow(
+        TEST_FAILOVER_WORKFLOW, inp, id=test_failover_id(protection), task_queue=CONTROL_TASK_QUEUE,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+    )
+    click.echo(f"test failover of {protection} started: workflow {handle.id}")
+    if not wait:
+        return
+    while True:
+        desc = await handle.describe()
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            try:
+                await handle.result()
+            except WorkflowFailureError as e:
+                fail(_failure_text(e))
+            return
+        st = await handle.query("progress", result_type=TestFailoverStatus)
+        if st.phase == "running":
+            vm = st.instance.name if st.instance else "?"
+            click.echo(f"VM {vm} is up from point {st.point_id}: RTO {st.rto_seconds:.1f}s; "
+                       f"console {st.instance.console_log if st.instance else '-'}")
+            click.echo(f"end the test with: transcend cleanup {protection}")
+            return
+        await asyncio.sleep(1)
+
+
+@main.command()
+@click.argument("protection")
+@run_async
+async def cleanup(protection: str) -> None:
+    """End a running test failover: its VM and overlays are removed."""
+    client = await _client()
+    handle = client.get_workflow_handle(test_failover_id(protection), result_type=TestFailoverStatus)
+    try:
+        await handle.signal("cleanup")
+        st = await handle.result()
+    except RPCError as e:
+        fail(f"no test failover of {protection!r} is running ({e.message})")
+        return
+    except WorkflowFailureError as e:
+        fail(_failure_text(e))
+        return
+    click.echo(f"test failover of {protection} cleaned up (RTO was "
+               f"{st.rto_seconds:.1f}s)" if st.rto_seconds is not None else f"{protection}: cleaned up")
 
 
 @main.command()

@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         ReplicationStatus,
         ScheduleInput,
         StateChange,
+        TestFailoverReport,
     )
     from transcend.config import site_task_queue
     from transcend.models import Health, ProtectionPolicy, ProtectionState, Workload
@@ -187,6 +188,11 @@ class ReplicationWorkflow:
     def cycle_finished(self, outcome: CycleOutcome) -> None:
         self._outcomes.append(outcome)
 
+    @workflow.signal(name="test_failover_finished")
+    def test_failover_finished(self, report: TestFailoverReport) -> None:
+        """Kept (the last 20) so the measured RTO of every test is on the protection."""
+        self._carry.test_failovers = [*self._carry.test_failovers, report][-20:]
+
     @workflow.signal(name="cycle_started")
     def cycle_started(self, cycle_id: str) -> None:
         self._current_cycle = cycle_id
@@ -305,6 +311,7 @@ class ReplicationWorkflow:
             schedule_interval_seconds=c.interval_seconds,
             current_cycle=self._current_cycle,
             last_error=c.last_error,
+            last_test_failover=c.test_failovers[-1] if c.test_failovers else None,
         )
 
     @workflow.update(name="pause")

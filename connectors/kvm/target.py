@@ -494,6 +494,19 @@ class KvmTarget:
             with contextlib.suppress(libvirt.libvirtError):
                 net.setAutostart(True)
 
+    def _drop_isolated_network(self, conn: libvirt.virConnect) -> None:
+        """Remove the isolated network once no domain uses it (we created it on demand)."""
+        uses = re.compile(rf"""network=['"]{re.escape(dx.ISOLATED_NETWORK)}['"]""")
+        for other in conn.listAllDomains(0):
+            with contextlib.suppress(libvirt.libvirtError):
+                if uses.search(other.XMLDesc(0)):
+                    return
+        with contextlib.suppress(libvirt.libvirtError):
+            net = conn.networkLookupByName(dx.ISOLATED_NETWORK)
+            if net.isActive():
+                net.destroy()
+            net.undefine()
+
     def boot(self, point: RecoveryPoint, spec: BootSpec) -> Instance:
         """Define and start domain ``spec.name`` on fresh overlays of ``point``."""
         protection = point.protection
@@ -660,6 +673,8 @@ class KvmTarget:
                             raise
                 with contextlib.suppress(libvirt.libvirtError):
                     self._undefine(dom)
+                if md.get("network") == dx.ISOLATED_NETWORK:
+                    self._drop_isolated_network(conn)
         except libvirt.libvirtError as e:
             raise ConnectorError(f"destroying {instance.name!r} failed: {e}") from e
         finally:

@@ -1,0 +1,172 @@
+"""DR operations on real TCG guests and a real dev server: test failover.
+
+A test failover boots a point as a throw-away VM in an isolated network, proves it
+healthy on its serial console, records the RTO on the protection, lets replication go
+on, and on cleanup leaves nothing behind (domain, overlays, network). The worker is
+killed with -9 in the middle of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from tests.harness.guest import BOOT_MARKER, GuestImage, build_guest, make_guest_disk
+from tests.harness.libvirtd import ensure_libvirtd, running_domain, traversable, wait_for_console
+from tests.harness.protect import (
+    add_kvm_platforms,
+    point_path,
+    protection_spec,
+    start_protection,
+    status,
+    sync_now,
+    verify_point,
+    wait_first_point,
+)
+from tests.harness.records import check_contiguous, read_records
+from tests.harness.stack import Stack, transcend_stack
+
+# Names starting with Test/test_ are used through the module so pytest does not collect them.
+from transcend import api
+from transcend.api import CONTROL_TASK_QUEUE, TEST_FAILOVER_WORKFLOW, HealthCheck
+
+pytestmark = [pytest.mark.guest]
+
+BOOT_TIMEOUT = 180
+ISOLATED = "transcend-isolated"
+
+
+@pytest.fixture(scope="module")
+def image() -> GuestImage:
+    ensure_libvirtd()
+    return build_guest()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    with transcend_stack(tmp_path / "home") as s:
+        try:
+            yield s
+        except BaseException:
+            print(s.worker_log_tail())
+            raise
+
+
+def _domain_exists(name: str) -> bool:
+    conn = libvirt.open("qemu:///system")
+    try:
+        conn.lookupByName(name)
+        return True
+    except libvirt.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
+def _network_exists(name: str) -> bool:
+    conn = libvirt.open("qemu:///system")
+    try:
+        conn.networkLookupByName(name)
+        return True
+    except libvirt.libvirtError:
+        return False
+    finally:
+        conn.close()
+
+
+async def _wait_phase(handle: WorkflowHandle[object, object], phases: set[str],
+                      timeout: float) -> api.TestFailoverStatus:
+    deadline = time.monotonic() + timeout
+    last: api.TestFailoverStatus | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = await handle.query("progress", result_type=api.TestFailoverStatus)
+        except Exception:
+            last = None
+        if last is not None and last.phase in phases:
+            return last
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"test failover not in {phases} after {timeout:.0f}s: {last}")
+
+
+@pytest.mark.timeout(1200)
+def test_test_failover_boots_measures_rto_survives_kill_and_cleans_up(
+    image: GuestImage, stack: Stack, tmp_path: Path
+) -> None:
+    with traversable(tmp_path):
+        asyncio.run(_test_failover(image, stack, tmp_path))
+
+
+async def _test_failover(image: GuestImage, stack: Stack, tmp_path: Path) -> None:
+    vm = f"transcend-dr-{os.getpid()}"
+    disk = make_guest_disk(tmp_path / "src.qcow2", rate=20, progress_every=1000, image=image)
+    cat = stack.catalog()
+    src, dst = add_kvm_platforms(cat, tmp_path / "replicas")
+    client = await stack.client()
+    with running_domain(vm, disk, tmp_path / "console.log") as dom:
+        wait_for_console(tmp_path / "console.log", rf"^{BOOT_MARKER} seq=0", BOOT_TIMEOUT, domain=dom)
+        replication = await start_protection(client, protection_spec("dr", vm, src, dst))
+        st = await wait_first_point(replication)
+        assert st.cycles_failed == 0, st.last_error
+        await asyncio.sleep(2)
+        st = await sync_now(replication)
+        point = cat.get_point(st.last_point_id or "")
+        expected = check_contiguous(read_records(point_path(point)))
+
+        # Wrong input is refused before anything boots.
+        with pytest.raises(WorkflowFailureError) as bad:
+            await client.execute_workflow(
+                TEST_FAILOVER_WORKFLOW, api.TestFailoverInput(protection="dr", point_id="no-such-point"),
+                id="test-failover/bad", task_queue=CONTROL_TASK_QUEUE)
+        assert "no-such-point" in str(bad.value.cause)
+
+        test_vm = f"{vm}-test"
+        handle = await client.start_workflow(
+            TEST_FAILOVER_WORKFLOW,
+            api.TestFailoverInput(protection="dr", point_id=point.id, name=test_vm, keep_seconds=3600,
+                              health=HealthCheck(kind="console", pattern=rf"^{BOOT_MARKER} seq=\d+",
+                                                 timeout_seconds=BOOT_TIMEOUT)),
+            id=api.test_failover_id("dr"), task_queue=CONTROL_TASK_QUEUE,
+        )
+        # Only one test failover of a protection at a time.
+        with pytest.raises(WorkflowAlreadyStartedError):
+            await client.start_workflow(TEST_FAILOVER_WORKFLOW, api.TestFailoverInput(protection="dr"),
+                                        id=api.test_failover_id("dr"), task_queue=CONTROL_TASK_QUEUE)
+
+        # kill -9 the worker while the VM boots or is health-checked: the workflow goes on.
+        await _wait_phase(handle, {"booting", "health-check"}, 120)
+        stack.kill_workers()
+        stack.start_worker()
+        running = await _wait_phase(handle, {"running", "failed"}, 600)
+        assert running.phase == "running", running
+        assert running.rto_seconds is not None and running.rto_seconds > 0
+        assert running.instance is not None and _domain_exists(test_vm)
+        # The recovered VM found exactly the records of the point it was booted from.
+        m = wait_for_console(running.instance.console_log, rf"^{BOOT_MARKER} seq=(\d+)", 10)
+        assert int(m.group(1)) == expected
+        assert _network_exists(ISOLATED)
+
+        # Replication keeps committing while the test VM runs; the RTO is on the protection.
+        before = await status(replication)
+        after = await sync_now(replication)
+        assert after.cycles_ok == before.cycles_ok + 1, after.last_error
+        assert after.last_test_failover is not None and after.last_test_failover.ok
+        assert after.last_test_failover.rto_seconds == running.rto_seconds
+        assert after.last_test_failover.point_id == point.id
+
+        # Cleanup removes every artefact; the point used was never written.
+        await handle.signal("cleanup")
+        done = await asyncio.wait_for(handle.result(), 300)
+        assert isinstance(done, dict) or done is not None
+        assert not _domain_exists(test_vm)
+        assert not any(p.exists() for p in (tmp_path / "replicas" / "dr" / ".boot").glob("*"))
+        assert not _network_exists(ISOLATED)
+        assert (await verify_point(client, point.id)).ok
