@@ -7,7 +7,14 @@ cleans up, including on failure.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from tests.harness.guest import GuestImage, build_guest
+from tests.harness.libvirtd import ensure_libvirtd
+from tests.harness.stack import Stack, transcend_stack
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -24,3 +31,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "long" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """libvirtd running and the test guest built (cached across runs)."""
+    ensure_libvirtd()
+    return build_guest()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """A private dev server + worker process + catalog; the worker log is printed when
+    the test fails."""
+    with transcend_stack(tmp_path / "home") as s:
+        try:
+            yield s
+        except BaseException:
+            print(s.worker_log_tail())
+            raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -19,10 +18,12 @@ import pytest
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from tests.harness.guest import BOOT_MARKER, GuestImage, build_guest, make_guest_disk
-from tests.harness.libvirtd import ensure_libvirtd, running_domain, traversable, wait_for_console
+from tests.harness.guest import BOOT_MARKER, GuestImage
+from tests.harness.libvirtd import traversable, wait_for_console
 from tests.harness.protect import (
     add_kvm_platforms,
+    booted_guest,
+    failure_text,
     point_path,
     protection_spec,
     start_protection,
@@ -32,7 +33,7 @@ from tests.harness.protect import (
     wait_first_point,
 )
 from tests.harness.records import check_contiguous, read_records
-from tests.harness.stack import Stack, transcend_stack
+from tests.harness.stack import Stack
 
 # Names starting with Test/test_ are used through the module so pytest does not collect them.
 from transcend import api
@@ -44,37 +45,13 @@ BOOT_TIMEOUT = 180
 ISOLATED = "transcend-isolated"
 
 
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    ensure_libvirtd()
-    return build_guest()
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    with transcend_stack(tmp_path / "home") as s:
-        try:
-            yield s
-        except BaseException:
-            print(s.worker_log_tail())
-            raise
-
-
-def _domain_exists(name: str) -> bool:
+def _exists(kind: str, name: str) -> bool:
+    """Whether libvirt has a domain (kind "domain") or network (kind "network") of that name."""
     conn = libvirt.open("qemu:///system")
     try:
-        conn.lookupByName(name)
-        return True
-    except libvirt.libvirtError:
-        return False
-    finally:
-        conn.close()
-
-
-def _network_exists(name: str) -> bool:
-    conn = libvirt.open("qemu:///system")
-    try:
-        conn.networkLookupByName(name)
+        (conn.lookupByName if kind == "domain" else conn.networkLookupByName)(name)
         return True
     except libvirt.libvirtError:
         return False
@@ -99,20 +76,18 @@ async def _wait_phase(handle: WorkflowHandle[object, object], phases: set[str],
 
 @pytest.mark.timeout(1200)
 def test_test_failover_boots_measures_rto_survives_kill_and_cleans_up(
-    image: GuestImage, stack: Stack, tmp_path: Path
+    guest_image: GuestImage, stack: Stack, tmp_path: Path
 ) -> None:
     with traversable(tmp_path):
-        asyncio.run(_test_failover(image, stack, tmp_path))
+        asyncio.run(_test_failover(guest_image, stack, tmp_path))
 
 
-async def _test_failover(image: GuestImage, stack: Stack, tmp_path: Path) -> None:
+async def _test_failover(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
     vm = f"transcend-dr-{os.getpid()}"
-    disk = make_guest_disk(tmp_path / "src.qcow2", rate=20, progress_every=1000, image=image)
     cat = stack.catalog()
     src, dst = add_kvm_platforms(cat, tmp_path / "replicas")
     client = await stack.client()
-    with running_domain(vm, disk, tmp_path / "console.log") as dom:
-        wait_for_console(tmp_path / "console.log", rf"^{BOOT_MARKER} seq=0", BOOT_TIMEOUT, domain=dom)
+    with booted_guest(guest_image, tmp_path, vm):
         replication = await start_protection(client, protection_spec("dr", vm, src, dst))
         st = await wait_first_point(replication)
         assert st.cycles_failed == 0, st.last_error
@@ -126,7 +101,7 @@ async def _test_failover(image: GuestImage, stack: Stack, tmp_path: Path) -> Non
             await client.execute_workflow(
                 TEST_FAILOVER_WORKFLOW, api.TestFailoverInput(protection="dr", point_id="no-such-point"),
                 id="test-failover/bad", task_queue=CONTROL_TASK_QUEUE)
-        assert "no-such-point" in str(bad.value.cause)
+        assert "no-such-point" in failure_text(bad.value)
 
         test_vm = f"{vm}-test"
         handle = await client.start_workflow(
@@ -148,11 +123,11 @@ async def _test_failover(image: GuestImage, stack: Stack, tmp_path: Path) -> Non
         running = await _wait_phase(handle, {"running", "failed"}, 600)
         assert running.phase == "running", running
         assert running.rto_seconds is not None and running.rto_seconds > 0
-        assert running.instance is not None and _domain_exists(test_vm)
+        assert running.instance is not None and _exists("domain", test_vm)
         # The recovered VM found exactly the records of the point it was booted from.
         m = wait_for_console(running.instance.console_log, rf"^{BOOT_MARKER} seq=(\d+)", 10)
         assert int(m.group(1)) == expected
-        assert _network_exists(ISOLATED)
+        assert _exists("network", ISOLATED)
 
         # Replication keeps committing while the test VM runs; the RTO is on the protection.
         before = await status(replication)
@@ -166,7 +141,7 @@ async def _test_failover(image: GuestImage, stack: Stack, tmp_path: Path) -> Non
         await handle.signal("cleanup")
         done = await asyncio.wait_for(handle.result(), 300)
         assert isinstance(done, dict) or done is not None
-        assert not _domain_exists(test_vm)
+        assert not _exists("domain", test_vm)
         assert not any(p.exists() for p in (tmp_path / "replicas" / "dr" / ".boot").glob("*"))
-        assert not _network_exists(ISOLATED)
+        assert not _exists("network", ISOLATED)
         assert (await verify_point(client, point.id)).ok

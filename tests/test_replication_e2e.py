@@ -16,7 +16,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,12 @@ import libvirt
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from tests.harness.guest import BOOT_MARKER, ERROR_MARKER, GuestImage, build_guest, make_guest_disk
-from tests.harness.libvirtd import DiskSpec, ensure_libvirtd, running_domain, traversable, wait_for_console
+from tests.harness.guest import BOOT_MARKER, GuestImage
+from tests.harness.libvirtd import DiskSpec, traversable, wait_for_console
 from tests.harness.protect import (
     add_kvm_platforms,
+    booted_guest,
+    failure_text,
     images_identical,
     point_path,
     protection_spec,
@@ -39,7 +41,7 @@ from tests.harness.protect import (
     wait_for,
 )
 from tests.harness.records import check_contiguous, read_records
-from tests.harness.stack import Stack, transcend_stack
+from tests.harness.stack import Stack
 from transcend.api import (
     BOOT_WORKFLOW,
     CONTROL_TASK_QUEUE,
@@ -60,20 +62,6 @@ GRANULE = 65536
 BOOT_TIMEOUT = 180
 
 
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    ensure_libvirtd()
-    return build_guest()
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    with transcend_stack(tmp_path / "home") as s:
-        try:
-            yield s
-        except BaseException:
-            print(s.worker_log_tail())
-            raise
 
 
 def _granules(first_record: int, last_record: int, record_size: int, records_offset: int) -> int:
@@ -93,15 +81,14 @@ def _records_offset() -> int:
 
 @pytest.mark.timeout(1500)
 def test_full_then_incremental_cycles_verify_retention_boot(
-    image: GuestImage, stack: Stack, tmp_path: Path
+    guest_image: GuestImage, stack: Stack, tmp_path: Path
 ) -> None:
     with traversable(tmp_path):  # the booted point's overlay is opened by the qemu user
-        asyncio.run(_full_then_incremental(image, stack, tmp_path))
+        asyncio.run(_full_then_incremental(guest_image, stack, tmp_path))
 
 
-async def _full_then_incremental(image: GuestImage, stack: Stack, tmp_path: Path) -> None:
+async def _full_then_incremental(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
     vm = f"transcend-e2e-{os.getpid()}"
-    disk = make_guest_disk(tmp_path / "src.qcow2", rate=20, progress_every=1000, image=image)
     # A second disk, frozen at the same instant: 8 MiB of random data and a hole.
     data_disk = tmp_path / "data.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data_disk), "64M"], check=True)
@@ -109,16 +96,13 @@ async def _full_then_incremental(image: GuestImage, stack: Stack, tmp_path: Path
     random_file.write_bytes(os.urandom(8 << 20))
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {random_file} 16M 8M", str(data_disk)],
                    check=True, capture_output=True)
-    console = tmp_path / "console.log"
     cat = stack.catalog()
     src, dst = add_kvm_platforms(cat, tmp_path / "replicas")
     client = await stack.client()
     incremental = 10
-    disks = [DiskSpec(path=disk, target="vda"), DiskSpec(path=data_disk, target="vdb")]
+    vdb = DiskSpec(path=data_disk, target="vdb")
 
-    with running_domain(vm, disks, console) as dom:
-        wait_for_console(console, rf"^{BOOT_MARKER} seq=0", BOOT_TIMEOUT,
-                         fail_pattern=rf"^{ERROR_MARKER}.*", domain=dom)
+    with booted_guest(guest_image, tmp_path, vm, extra_disks=[vdb]) as (dom, disk):
         handle = await start_protection(client, protection_spec("e2e", vm, src, dst))
         st = await wait_first_point(handle)
         assert st.cycles_failed == 0, f"first cycle failed: {st.last_error}\n{stack.worker_log_tail()}"
@@ -268,26 +252,25 @@ async def _stream_results(stack: Stack, protection: str) -> list[StreamResult]:
 
 
 @pytest.mark.timeout(1200)
-def test_kill_worker_and_restart_server_mid_cycle(image: GuestImage, stack: Stack, tmp_path: Path) -> None:
-    asyncio.run(_kill_and_restart(image, stack, tmp_path, kills=3))
+def test_kill_worker_and_restart_server_mid_cycle(
+    guest_image: GuestImage, stack: Stack, tmp_path: Path
+) -> None:
+    asyncio.run(_kill_and_restart(guest_image, stack, tmp_path, kills=3))
 
 
 @pytest.mark.long
 @pytest.mark.timeout(3600)
-def test_kill_worker_soak(image: GuestImage, stack: Stack, tmp_path: Path) -> None:
-    asyncio.run(_kill_and_restart(image, stack, tmp_path, kills=20))
+def test_kill_worker_soak(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
+    asyncio.run(_kill_and_restart(guest_image, stack, tmp_path, kills=20))
 
 
-async def _kill_and_restart(image: GuestImage, stack: Stack, tmp_path: Path, kills: int) -> None:
+async def _kill_and_restart(guest_image: GuestImage, stack: Stack, tmp_path: Path, kills: int) -> None:
     rng = random.Random(os.environ.get("TRANSCEND_TEST_SEED", str(time.time_ns())))
     vm = f"transcend-kill-{os.getpid()}"
-    disk = make_guest_disk(tmp_path / "src.qcow2", rate=20, progress_every=1000, image=image)
-    console = tmp_path / "console.log"
     cat = stack.catalog()
     src, dst = add_kvm_platforms(cat, tmp_path / "replicas")
     client = await stack.client()
-    with running_domain(vm, disk, console) as dom:
-        wait_for_console(console, rf"^{BOOT_MARKER} seq=0", BOOT_TIMEOUT, domain=dom)
+    with booted_guest(guest_image, tmp_path, vm) as (_, disk):
         # 1 MiB/s: the first (full) copy takes tens of seconds, time to crash it.
         handle = await start_protection(
             client, protection_spec("kill", vm, src, dst, bandwidth=1 << 20))
@@ -361,19 +344,16 @@ def _remove_bitmaps(vm: str) -> list[str]:
 
 
 @pytest.mark.timeout(1200)
-def test_lost_bitmap_resyncs_by_hash(image: GuestImage, stack: Stack, tmp_path: Path) -> None:
-    asyncio.run(_lost_bitmap(image, stack, tmp_path))
+def test_lost_bitmap_resyncs_by_hash(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
+    asyncio.run(_lost_bitmap(guest_image, stack, tmp_path))
 
 
-async def _lost_bitmap(image: GuestImage, stack: Stack, tmp_path: Path) -> None:
+async def _lost_bitmap(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
     vm = f"transcend-resync-{os.getpid()}"
-    disk = make_guest_disk(tmp_path / "src.qcow2", rate=20, progress_every=1000, image=image)
-    console = tmp_path / "console.log"
     cat = stack.catalog()
     src, dst = add_kvm_platforms(cat, tmp_path / "replicas")
     client = await stack.client()
-    with running_domain(vm, disk, console) as dom:
-        wait_for_console(console, rf"^{BOOT_MARKER} seq=0", BOOT_TIMEOUT, domain=dom)
+    with booted_guest(guest_image, tmp_path, vm) as (dom, disk):
         handle = await start_protection(client, protection_spec("resync", vm, src, dst))
         st = await wait_first_point(handle)
         assert st.cycles_failed == 0, st.last_error
@@ -440,7 +420,7 @@ async def _bad_input(stack: Stack, tmp_path: Path) -> None:
         handle = await start_protection(client, protection_spec(name, vm, spec_src, spec_dst))
         with pytest.raises(WorkflowFailureError) as info:
             await asyncio.wait_for(handle.result(), 300)
-        text = _failure_text(info.value)
+        text = failure_text(info.value)
         for needle in needles:
             assert needle in text, text
         assert all(p.name != name for p in cat.list_protections()), "a refused protection was stored"
@@ -461,11 +441,3 @@ async def _bad_input(stack: Stack, tmp_path: Path) -> None:
                                   config={"root": "/proc/transcend-replicas"}))
     await refused("p3", src, "vm", "ro-target", "/proc/transcend-replicas")
 
-
-def _failure_text(e: BaseException) -> str:
-    parts = []
-    cur: BaseException | None = e
-    while cur is not None:
-        parts.append(str(cur))
-        cur = cur.__cause__
-    return " | ".join(parts)

@@ -5,14 +5,18 @@ end-to-end tests and the demo share (a point read back, its records)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
+import libvirt
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
+from tests.harness.guest import BOOT_MARKER, ERROR_MARKER, GuestImage, make_guest_disk
+from tests.harness.libvirtd import DiskSpec, running_domain, wait_for_console
 from transcend.api import (
     CONTROL_TASK_QUEUE,
     REPLICATION_WORKFLOW,
@@ -118,3 +122,30 @@ def images_identical(a: Path | str, b: Path | str) -> tuple[bool, str]:
     """qemu-img compare (content, not allocation), -U because the source is in use."""
     proc = subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)], capture_output=True, text=True)
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+GUEST_BOOT_TIMEOUT = 180
+
+
+@contextlib.contextmanager
+def booted_guest(image: GuestImage, workdir: Path, name: str, *,
+                 extra_disks: Sequence[DiskSpec] = ()) -> Iterator[tuple[libvirt.virDomain, Path]]:
+    """A fresh test guest (records at 20/s) running under libvirt, booted (its boot
+    marker seen on the console); yields the domain and its system disk. Removed on exit."""
+    disk = make_guest_disk(workdir / "src.qcow2", rate=20, progress_every=1000, image=image)
+    console = workdir / "console.log"
+    disks: Path | list[DiskSpec] = [DiskSpec(path=disk, target="vda"), *extra_disks] if extra_disks else disk
+    with running_domain(name, disks, console) as dom:
+        wait_for_console(console, rf"^{BOOT_MARKER} seq=0", GUEST_BOOT_TIMEOUT,
+                         fail_pattern=rf"^{ERROR_MARKER}.*", domain=dom)
+        yield dom, disk
+
+
+def failure_text(e: BaseException) -> str:
+    """The whole cause chain of a Temporal failure (the message is at its end)."""
+    parts = []
+    cur: BaseException | None = e
+    while cur is not None:
+        parts.append(str(cur))
+        cur = cur.__cause__ or getattr(cur, "cause", None)
+    return " | ".join(parts)
