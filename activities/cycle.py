@@ -118,10 +118,11 @@ class CycleActivities:
         cat.update_workloads(inp.protection, workloads)
         started = datetime.now(UTC)
         info = activity.info()
-        run_id = info.workflow_run_id or info.workflow_id or "local"
+        # Run ids are UUIDv7: the first characters are a timestamp, the last ones random.
+        run_id = (info.workflow_run_id or info.workflow_id or "local").replace("-", "")
         return CycleContext(
             protection=inp.protection,
-            cycle_id=run_id[:8] + "-" + started.strftime("%Y%m%dT%H%M%SZ"),
+            cycle_id=started.strftime("%Y%m%dT%H%M%SZ") + "-" + run_id[-8:],
             source=source_info,
             target=target_info,
             source_queue=site_task_queue(source_info.site),

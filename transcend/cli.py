@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from functools import wraps
@@ -573,5 +575,28 @@ async def boot(point_id: str, name: str, network: str) -> None:
     click.echo(f"VM {result.name} running ({result.instance_id}); console log {result.console_log}")
 
 
+def entry() -> None:
+    """The ``transcend`` command: run the CLI, then leave without interpreter
+    finalization. The Temporal client's native runtime keeps threads that can abort
+    a finalizing interpreter ("PyGILState_Release: thread state ... must be current",
+    temporalio/sdk-python#300), turning a successful command into a SIGABRT. By
+    now output is flushed and nothing else needs cleaning up."""
+    code = 0
+    try:
+        main(standalone_mode=True)
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -522,9 +522,15 @@ class KvmTarget:
                         f"a libvirt domain named {spec.name!r} already exists and is not an "
                         f"instance of point {point.id} of {protection!r}; choose another name"
                     )
-                if not dom.isActive():
+                if dom.isActive():
+                    return self._instance(dom, spec.name, console_log, md.get("network", ""))
+                if self._files_present(dom) and boot_dir.is_dir():
                     self._start(dom, spec.name)
-                return self._instance(dom, spec.name, console_log, md.get("network", ""))
+                    return self._instance(dom, spec.name, console_log, md.get("network", ""))
+                # An earlier attempt died between defining the domain and starting it,
+                # and its overlays are gone: define it again from scratch.
+                with contextlib.suppress(libvirt.libvirtError):
+                    self._undefine(dom)
 
             disks = self._boot_disks(point, spec)
             wl = spec.workload
@@ -576,7 +582,10 @@ class KvmTarget:
             try:
                 dom = conn.defineXML(dx.domain_xml(shape))
             except libvirt.libvirtError as e:
-                shutil.rmtree(boot_dir, ignore_errors=True)
+                if self._lookup(conn, name=spec.name) is None:
+                    shutil.rmtree(boot_dir, ignore_errors=True)
+                # else: defined meanwhile by an attempt whose call was still in flight
+                # in libvirtd; our overlays stay for it and the retry takes it over.
                 raise ConnectorError(f"defining domain {spec.name!r} failed: {e}") from e
             try:
                 self._start(dom, spec.name)
@@ -588,6 +597,12 @@ class KvmTarget:
             return self._instance(dom, spec.name, console_log, network)
         finally:
             conn.close()
+
+    @staticmethod
+    def _files_present(dom: libvirt.virDomain) -> bool:
+        xml = ET.fromstring(dom.XMLDesc(0))
+        files = [src.get("file", "") for src in xml.findall("devices/disk/source")]
+        return all(f and os.path.exists(f) for f in files)
 
     def _boot_disks(self, point: RecoveryPoint, spec: BootSpec
                     ) -> list[tuple[PointDisk, DiskInfo | None]]:

@@ -128,14 +128,15 @@ GUEST_BOOT_TIMEOUT = 180
 
 
 @contextlib.contextmanager
-def booted_guest(image: GuestImage, workdir: Path, name: str, *,
-                 extra_disks: Sequence[DiskSpec] = ()) -> Iterator[tuple[libvirt.virDomain, Path]]:
+def booted_guest(image: GuestImage, workdir: Path, name: str, *, extra_disks: Sequence[DiskSpec] = (),
+                 network: str | None = None) -> Iterator[tuple[libvirt.virDomain, Path]]:
     """A fresh test guest (records at 20/s) running under libvirt, booted (its boot
-    marker seen on the console); yields the domain and its system disk. Removed on exit."""
+    marker seen on the console); yields the domain and its system disk. Removed on exit.
+    ``network``: a libvirt network for one virtio NIC (none by default)."""
     disk = make_guest_disk(workdir / "src.qcow2", rate=20, progress_every=1000, image=image)
     console = workdir / "console.log"
     disks: Path | list[DiskSpec] = [DiskSpec(path=disk, target="vda"), *extra_disks] if extra_disks else disk
-    with running_domain(name, disks, console) as dom:
+    with running_domain(name, disks, console, network=network) as dom:
         wait_for_console(console, rf"^{BOOT_MARKER} seq=0", GUEST_BOOT_TIMEOUT,
                          fail_pattern=rf"^{ERROR_MARKER}.*", domain=dom)
         yield dom, disk
