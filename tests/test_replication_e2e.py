@@ -25,7 +25,15 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from tests.harness.guest import BOOT_MARKER, GuestImage
-from tests.harness.libvirtd import DiskSpec, traversable, wait_for_console
+from tests.harness.libvirtd import (
+    DiskSpec,
+    define_domain,
+    domain_xml,
+    remove_domain_if_exists,
+    traversable,
+    undefine_domain,
+    wait_for_console,
+)
 from tests.harness.protect import (
     add_kvm_platforms,
     booted_guest,
@@ -439,5 +447,14 @@ async def _bad_input(stack: Stack, tmp_path: Path) -> None:
     await refused("p2", "dead-libvirt", "vm", dst, "qemu+tcp://127.0.0.1:1/system")
     cat.add_platform(PlatformSpec(name="ro-target", kind=PlatformKind.KVM,
                                   config={"root": "/proc/transcend-replicas"}))
-    await refused("p3", src, "vm", "ro-target", "/proc/transcend-replicas")
+    # A VM that exists (defined, not running), so that the target is what is refused.
+    vm_disk = tmp_path / "vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(vm_disk), "64M"], check=True)
+    name = f"transcend-bad-{os.getpid()}"
+    remove_domain_if_exists(name)
+    dom = define_domain(domain_xml(name, vm_disk, tmp_path / "console.log"))
+    try:
+        await refused("p3", src, name, "ro-target", "/proc/transcend-replicas")
+    finally:
+        undefine_domain(dom)
 

@@ -404,10 +404,24 @@ def _checkpoint_names(dom: libvirt.virDomain) -> set[str]:
 
 def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
     try:
-        dom.checkpointLookupByName(name).delete(0)
+        cp = dom.checkpointLookupByName(name)
     except libvirt.libvirtError as e:
         if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
             raise
+        return
+    try:
+        cp.delete(0)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+            return
+        if not _is_checkpoint_problem(e):
+            raise
+        # The checkpoint's bitmap is already gone from the image (the reason its
+        # protection resynced): libvirt cannot merge or delete it, so drop only the
+        # metadata. A bitmap of that name left on another disk of the VM costs a little
+        # write tracking until the disk is next recreated; it is never read again.
+        log.warning("checkpoint %s: %s; removing its metadata only", name, e.get_error_message())
+        cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
 
 
 def _is_checkpoint_problem(e: libvirt.libvirtError) -> bool:
