@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -368,19 +369,28 @@ async def _lost_bitmap(guest_image: GuestImage, stack: Stack, tmp_path: Path) ->
         st = await sync_now(handle)
         assert st.cycles_failed == 0, st.last_error
 
+        seq_before = cat.get_point(st.last_point_id or "").seq
         removed = _remove_bitmaps(vm)
         assert removed, "the protected disk had no transcend bitmap to remove"
         await asyncio.sleep(1.0)
         dom.suspend()  # a fixed source, so that the resync must reproduce it exactly
+        suspended_at = datetime.now(UTC)
         try:
-            st = await sync_now(handle)
-            assert st.cycles_failed == 0, f"{st.last_error}\n{stack.worker_log_tail()}"
-            point = cat.get_point(st.last_point_id or "")
-            assert point.kind.value == "resync", point
-            same, detail = images_identical(disk, point_path(point))
+            # Until a point frozen after the suspend exists (a cycle already queued
+            # before it may commit first).
+            for _ in range(3):
+                st = await sync_now(handle)
+                assert st.cycles_failed == 0, f"{st.last_error}\n{stack.worker_log_tail()}"
+                newest = cat.get_point(st.last_point_id or "")
+                if newest.instant > suspended_at:
+                    break
+            same, detail = images_identical(disk, point_path(newest))
             assert same, detail
         finally:
             dom.resume()
+        # The first cycle after the bitmaps vanished noticed it and resynced.
+        point = next(p for p in cat.points("resync") if p.seq > seq_before)
+        assert point.kind.value == "resync", point
         assert (await verify_point(client, point.id)).ok
         cycle = next(c for c in cat.cycles("resync") if c.point_id == point.id)
         full = next(c for c in cat.cycles("resync") if c.kind == "full")

@@ -25,9 +25,11 @@ import errno
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,14 +154,13 @@ class KvmTarget:
                 f"{what} {path} cannot be created ({e.strerror or e}): create it, or set the "
                 f"platform's config 'root' to a directory the worker can write"
             ) from e
-        probe = path / f".probe-{os.getpid()}"
+        # Unique per call: activities of one worker construct targets in parallel
+        # threads, and a shared probe name let one thread delete another's probe.
+        probe = path / f".probe-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
         try:
             fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             os.close(fd)
             os.unlink(probe)
-        except FileExistsError:
-            with contextlib.suppress(OSError):
-                os.unlink(probe)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise self._full(path) from e
