@@ -37,6 +37,9 @@ CYCLE_WORKFLOW = "Cycle"
 VERIFY_WORKFLOW = "VerifyPoint"
 BOOT_WORKFLOW = "BootPoint"
 TEST_FAILOVER_WORKFLOW = "TestFailover"
+FAILOVER_WORKFLOW = "Failover"
+MIGRATION_WORKFLOW = "Migration"
+FAILBACK_WORKFLOW = "Failback"
 
 CONTROL_TASK_QUEUE = "transcend-control"
 
@@ -64,6 +67,15 @@ def boot_id(point_id: str, name: str) -> str:
 def test_failover_id(protection: str) -> str:
     """One test failover per protection at a time (the workflow id enforces it)."""
     return f"test-failover/{protection}"
+
+
+def failover_id(protection: str) -> str:
+    """Failover and migration share one id per protection: never two at once."""
+    return f"failover/{protection}"
+
+
+def failback_id(protection: str) -> str:
+    return f"failback/{protection}"
 
 
 # --------------------------------------------------------------------------- test failover
@@ -173,6 +185,9 @@ class ReplicationCarry(Model):
     paused: bool = False
     interval_seconds: int = 0
     test_failovers: list[TestFailoverReport] = Field(default_factory=list, description="newest last")
+    dr_state: ProtectionState | None = Field(default=None, description="failing over, failed "
+                                             "over or failing back; None when protecting")
+    dr_reason: str = ""
 
 
 class ReplicationStatus(Model):
@@ -203,6 +218,9 @@ class PolicyChange(Model):
 class CycleInput(Model):
     protection: str
     force_resync: bool = False
+    # The last cycle of a failover or migration: runs while the protection is
+    # failing over, and may read a shut-off source (a migration shut it down first).
+    final: bool = False
 
 
 class CycleContext(Model):
@@ -217,6 +235,7 @@ class CycleContext(Model):
     last_point: RecoveryPoint | None
     state: ProtectionState
     force_resync: bool = False
+    final: bool = False
     started_at: datetime
 
 
@@ -382,3 +401,164 @@ class Checkpoints(Model):
 
 
 ReplicationInput.model_rebuild()
+
+
+# --------------------------------------------------------------------------- failover, migration, failback
+
+VM_NAME = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class FailoverInput(Model):
+    """Fail a protection over to its target (``Failover``), or migrate it (``Migration``:
+    planned, the source is shut down cleanly first and nothing it wrote is lost)."""
+
+    protection: str
+    planned: bool = Field(default=False, description="set by the Migration workflow")
+    point_id: str | None = Field(default=None, description="default: the newest point "
+                                 "(after the final cycle)")
+    final_cycle: bool = Field(default=True, description="replicate once more first when "
+                              "the source still answers (Failover only)")
+    shutdown_source: bool = Field(default=True, description="shut the source VM down "
+                                  "(Failover only; Migration always does)")
+    shutdown_timeout_seconds: int = Field(default=300, ge=10, le=3600)
+    force_off: bool = Field(default=True, description="power the source off when it does not "
+                            "shut down within the timeout (a Migration never forces)")
+    name: str = Field(default="", pattern=VM_NAME, description="production VM name at the "
+                      "target; default the source VM's name (with -dr on the same host)")
+    network: str = Field(default="", description="production network at the target; default "
+                         "the source NICs' networks")
+    health: HealthCheck = Field(default_factory=lambda: HealthCheck(kind="none"))
+
+
+class FailoverPlan(Model):
+    """What ``failover.check`` found: everything the workflow needs, nothing changed yet."""
+
+    protection: str
+    source: PlatformInfo
+    target: PlatformInfo
+    workload: Workload
+    name: str
+    previous_state: ProtectionState = ProtectionState.PROTECTING
+
+
+class FailoverAbort(Model):
+    """Undo a failover that did not reach the boot: state and schedule as before, the
+    source started again when the failover shut it down."""
+
+    protection: str
+    previous_state: ProtectionState
+    restart_source: bool = False
+
+
+class SourcePower(Model):
+    platform: str
+    vm: str
+    timeout_seconds: int = 300
+    force: bool = False
+
+
+class ProductionBoot(Model):
+    protection: str
+    point_id: str
+    name: str
+    network: str = ""
+    planned: bool
+    final_cycle: str = ""
+    source_was_running: bool = True
+
+
+class FailoverRecord(Model):
+    """Kept in the catalog while a protection is failed over (what failback needs)."""
+
+    protection: str
+    point_id: str
+    planned: bool
+    instance: Instance
+    source_vm: str = Field(default="", description="the original VM (platform id)")
+    failed_over_at: datetime
+    final_cycle: str = Field(default="", description="outcome of the final cycle")
+    source_was_running: bool = True
+    # failback progress: the failed-over VM's checkpoint the next pass starts from, and
+    # whether the original's own changes after the point were already overwritten
+    failback_checkpoint: str = ""
+    original_synced: bool = False
+
+
+class FailoverStatus(Model):
+    protection: str
+    planned: bool = False
+    phase: Literal["checking", "pausing", "final-cycle", "shutdown-source", "booting",
+                   "health-check", "done", "compensating", "failed"] = "checking"
+    point_id: str | None = None
+    final_cycle: str = ""
+    instance: Instance | None = None
+    started_at: datetime | None = None
+    rto_seconds: float | None = None
+    error: str = ""
+
+
+class FailbackInput(Model):
+    """Bring a failed-over protection home: sync the failed-over VM back into the
+    original VM's disks (only what changed), then a planned migration back."""
+
+    protection: str
+    migrate_now: bool = Field(default=True, description="shut the failed-over VM down and "
+                              "migrate back after the first pass; else keep syncing until "
+                              "the `migrate` signal")
+    sync_interval_seconds: int = Field(default=300, ge=10, le=86400)
+    shutdown_timeout_seconds: int = Field(default=300, ge=10, le=3600)
+    start_original: bool = True
+    keep_failed_over: bool = Field(default=False, description="leave the failed-over VM "
+                                   "defined (shut off) instead of removing it")
+    verify: bool = Field(default=True, description="compare both disks' hashes before the "
+                         "original is started")
+
+
+class FailbackPass(Model):
+    """One sync of the failed-over VM into the original VM's disks."""
+
+    protection: str
+    final: bool
+    mode: Literal["tracked", "hash-compare"] = "tracked"
+    failed_over_bytes: int = 0
+    original_bytes: int = 0
+    bytes_written: int = Field(default=0, description="data written into the original disks")
+    bytes_zeroed: int = Field(default=0, description="written as zeroes (no data sent)")
+    bytes_read: int = 0
+    bytes_skipped: int = Field(default=0, description="hash-compare: read, equal, not written")
+    disk_size: int = 0
+    seconds: float = 0.0
+    checkpoint: str = ""
+
+
+class FailbackSyncInput(Model):
+    protection: str
+    final: bool = False
+
+
+class FailbackFinishInput(Model):
+    protection: str
+    start_original: bool = True
+    keep_failed_over: bool = False
+
+
+class FailbackVerify(Model):
+    protection: str
+    identical: bool
+    detail: str = ""
+
+
+class FailbackStatus(Model):
+    protection: str
+    phase: Literal["checking", "syncing", "waiting", "shutdown-failed-over", "final-sync",
+                   "verify", "restoring", "done", "failed"] = "checking"
+    passes: list[FailbackPass] = Field(default_factory=list)
+    bytes_written: int = 0
+    error: str = ""
+
+
+class DrStateSignal(Model):
+    """Failover/failback tell the Replication workflow what happened to its protection."""
+
+    state: ProtectionState
+    reason: str = ""

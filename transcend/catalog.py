@@ -126,6 +126,18 @@ class InUse(CatalogError):
         return (type(self), (self.kind, self.name, self.used_by, self.hint))
 
 
+class WrongState(CatalogError):
+    """The protection's state does not allow the operation; nothing was changed."""
+
+    def __init__(self, name: str, state: str, operation: str, hint: str = "") -> None:
+        self.name, self.state, self.operation, self.hint = name, state, operation, hint
+        super().__init__(f"cannot {operation} protection {name!r}: it is {state}"
+                         + (f"; {hint}" if hint else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.state, self.operation, self.hint))
+
+
 # --------------------------------------------------------------------------- public models
 
 
@@ -275,6 +287,18 @@ class _CheckpointRow(_Base, table=True):
     disk: str = Field(primary_key=True)
     token: str = _text()
     point_id: str | None = None  # the point whose commit made it current
+    updated_at: datetime = _when()
+    data_json: str = _text()
+
+
+class _DrRow(_Base, table=True):
+    """What a failed-over protection needs for failback (api.FailoverRecord as JSON).
+    A table of its own so catalogs made before it gain it by create_all."""
+
+    __tablename__ = "dr_records"
+    protection: str = Field(
+        sa_column=Column(String, ForeignKey("protections.name", ondelete="CASCADE"), primary_key=True)
+    )
     updated_at: datetime = _when()
     data_json: str = _text()
 
@@ -670,6 +694,57 @@ class Catalog:
 
         return self._update_protection(name, change)
 
+    def transition(self, name: str, allowed: Sequence[ProtectionState], to: ProtectionState,
+                   operation: str, hint: str = "") -> ProtectionState:
+        """Compare-and-set of the state (the lock of DR operations): move to ``to`` only
+        from one of ``allowed`` or from ``to`` itself (a retry); returns the state before.
+        Raises WrongState and changes nothing otherwise."""
+        before: list[ProtectionState] = []
+
+        def change(_s: Session, row: _ProtectionRow) -> None:
+            current = ProtectionState(row.state)
+            before.append(current)
+            if current != to and current not in allowed:
+                raise WrongState(name, current.value, operation, hint)
+            row.state = ProtectionState(to).value
+
+        self._update_protection(name, change)
+        return before[0]
+
+    def get_dr_record(self, protection: str) -> str | None:
+        """The JSON of the protection's failover record, if it is failed over."""
+        with self._read() as s:
+            self._protection_row(s, protection)
+            row = s.get(_DrRow, protection)
+            return row.data_json if row is not None else None
+
+    def put_dr_record(self, protection: str, data_json: str,
+                      state: ProtectionState | None = None) -> None:
+        """Store the record (and the new state, in the same transaction)."""
+
+        def fn(s: Session) -> None:
+            prow = self._protection_row(s, protection)
+            row = s.get(_DrRow, protection) or _DrRow(protection=protection, data_json="")
+            row.data_json, row.updated_at = data_json, _now()
+            s.add(row)
+            if state is not None:
+                prow.state, prow.updated_at = ProtectionState(state).value, _now()
+                s.add(prow)
+            s.flush()
+
+        self._write(fn)
+
+    def clear_dr_record(self, protection: str, state: ProtectionState | None = None) -> None:
+        def fn(s: Session) -> None:
+            prow = self._protection_row(s, protection)
+            s.execute(delete(_DrRow).where(col(_DrRow.protection) == protection))
+            if state is not None:
+                prow.state, prow.updated_at = ProtectionState(state).value, _now()
+                s.add(prow)
+            s.flush()
+
+        self._write(fn)
+
     def update_policy(self, name: str, policy: ProtectionPolicy) -> ProtectionRecord:
         policy = ProtectionPolicy.model_validate(policy.model_dump())
 
@@ -698,6 +773,7 @@ class Catalog:
             s.execute(delete(_CheckpointRow).where(col(_CheckpointRow.protection) == name))
             s.execute(delete(_WorkloadRow).where(col(_WorkloadRow.protection) == name))
             s.execute(delete(_CycleRow).where(col(_CycleRow.protection) == name))
+            s.execute(delete(_DrRow).where(col(_DrRow.protection) == name))
             s.delete(row)
 
         self._write(fn)

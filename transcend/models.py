@@ -199,7 +199,9 @@ class ProtectionState(StrEnum):
     PREPARING = "preparing"
     PROTECTING = "protecting"
     PAUSED = "paused"
-    FAILED_OVER = "failed_over"
+    FAILING_OVER = "failing_over"  # a failover or migration is running
+    FAILED_OVER = "failed_over"  # production runs at the target; the source diverged
+    FAILING_BACK = "failing_back"  # a failback is running
     REMOVED = "removed"
 
 
@@ -233,6 +235,9 @@ class Checkpoint(Model):
 class FreezeOptions(Model):
     quiesce: bool = False
     force_resync: bool = False
+    # A shut-off VM may be frozen (a migration's final cycle, a failback reading the
+    # original VM): the connector makes its disks readable without running the guest.
+    offline_ok: bool = False
 
 
 class ChangeKind(StrEnum):
@@ -314,6 +319,10 @@ class BootSpec(Model):
     cpus: int | None = None
     memory_mib: int | None = None
     workload: Workload | None = None
+    # Failover: the VM is the new production one. Its change tracking starts before
+    # its first instruction (Instance.tracking), so a failback copies only what changed.
+    production: bool = False
+    tracking_name: str = ""
 
 
 class Instance(Model):
@@ -324,3 +333,4 @@ class Instance(Model):
     overlays: list[str] = Field(default_factory=list)
     network: str = ""
     state: str = "running"
+    tracking: str = Field(default="", description="checkpoint started at boot (production)")
