@@ -223,6 +223,7 @@ class NbdExport:
     export_name: str
     readonly: bool
     cache: str = "none"
+    fmt: str = "qcow2"
 
     @property
     def uri(self) -> str:
@@ -247,7 +248,7 @@ class NbdExport:
     def argv(self, cache: str) -> list[str]:
         argv = [
             "qemu-nbd", "--fork", f"--pid-file={self.pid_file}", "--socket", self.socket_path,
-            "--export-name", self.export_name, "--format", "qcow2", "--shared=8",
+            "--export-name", self.export_name, "--format", self.fmt, "--shared=8",
             "--persistent", f"--cache={cache}", "--aio=threads",
         ]
         if self.readonly:

@@ -21,10 +21,12 @@ differs from the replica's manifest are written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import time
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from hashlib import sha1
@@ -231,59 +233,199 @@ class KvmSource:
         conn = self._conn()
         try:
             dom = self._lookup(conn, wl.ref.id)
-            if not dom.isActive():
-                raise PermanentError(
-                    f"VM {wl.name!r} is not running; pull-mode backup needs a running domain "
-                    "(start it, or use a migration, which copies a shut-off VM)"
-                )
-            current = workload_from_domain(self.info.name, dom)
             new_cp = f"{CHECKPOINT_PREFIX}{protection}.{cycle_id}"
-            existing = self._existing_job(dom, new_cp)
-            if existing is not None:
-                return KvmFrozen(self, existing)
-            if new_cp in _checkpoint_names(dom):
-                # A previous attempt created our checkpoint but its job is gone (libvirtd
-                # restarted): that instant is lost, so fold it back and freeze anew.
-                _delete_checkpoint(dom, new_cp)
-            kinds, reasons, prev = self._plan_kinds(dom, current, since, opts)
-            run = self._cycle_dir(dom, protection)
-            handle = FrozenHandle(
-                platform=self.info.name,
-                protection=protection,
-                cycle_id=cycle_id,
-                instant=datetime.now(UTC),
-                disks=current.disks,
-                kinds=kinds,
-                reasons=reasons,
-                data={
-                    "uri": self.uri,
-                    "domain_uuid": dom.UUIDString(),
-                    "domain": dom.name(),
-                    "socket": str(run / "nbd.sock"),
-                    "dir": str(run),
-                    "new_checkpoint": new_cp,
-                    "previous_checkpoint": prev,
-                },
-            )
+            started_paused = self._paused_marker(new_cp).exists()
+            if not dom.isActive():
+                if not opts.offline_ok:
+                    raise PermanentError(
+                        f"VM {wl.name!r} is not running; pull-mode backup needs a running "
+                        "domain (start it, or use a migration, which copies a shut-off VM)"
+                    )
+                self._start_paused(dom, new_cp)
+                started_paused = True
             try:
-                self._begin_backup(dom, handle)
+                return self._freeze_active(dom, protection, cycle_id, new_cp, since, opts,
+                                           started_paused)
+            except BaseException:
+                if started_paused:
+                    self._stop_paused(dom, new_cp)
+                raise
+        finally:
+            conn.close()
+
+    def _freeze_active(self, dom: libvirt.virDomain, protection: str, cycle_id: str,
+                       new_cp: str, since: dict[DiskId, Checkpoint], opts: FreezeOptions,
+                       started_paused: bool) -> KvmFrozen:
+        wl_name = dom.name()
+        current = workload_from_domain(self.info.name, dom)
+        existing = self._existing_job(dom, new_cp)
+        if existing is not None:
+            return KvmFrozen(self, existing)
+        if new_cp in _checkpoint_names(dom):
+            # A previous attempt created our checkpoint but its job is gone (libvirtd
+            # restarted): that instant is lost, so fold it back and freeze anew.
+            _delete_checkpoint(dom, new_cp)
+        kinds, reasons, prev = self._plan_kinds(dom, current, since, opts)
+        run = self._cycle_dir(dom, protection)
+        handle = FrozenHandle(
+            platform=self.info.name,
+            protection=protection,
+            cycle_id=cycle_id,
+            instant=datetime.now(UTC),
+            disks=current.disks,
+            kinds=kinds,
+            reasons=reasons,
+            data={
+                "uri": self.uri,
+                "domain_uuid": dom.UUIDString(),
+                "domain": dom.name(),
+                "socket": str(run / "nbd.sock"),
+                "dir": str(run),
+                "new_checkpoint": new_cp,
+                "previous_checkpoint": prev,
+                "started_paused": started_paused,
+            },
+        )
+        try:
+            self._begin_backup(dom, handle)
+        except libvirt.libvirtError as e:
+            if prev is None or not _is_checkpoint_problem(e):
+                raise ConnectorError(
+                    f"starting the backup of {wl_name!r} failed: {e.get_error_message()}"
+                ) from e
+            # The checkpoint exists in libvirt's metadata but its bitmap is missing
+            # or inconsistent in the image: tracking is lost, resync every disk.
+            log.warning("checkpoint %s unusable (%s): resync", prev, e.get_error_message())
+            reason = f"checkpoint {prev} unusable: {e.get_error_message()}"
+            handle.kinds = {d.id: ChangeKind.RESYNC for d in current.disks}
+            handle.reasons = {d.id: reason for d in current.disks}
+            handle.data["previous_checkpoint"] = None
+            handle.data["stale_checkpoint"] = prev
+            if new_cp in _checkpoint_names(dom):
+                _delete_checkpoint(dom, new_cp)
+            self._begin_backup(dom, handle)
+        return KvmFrozen(self, handle)
+
+    # ------------------------------------------------------------------ shut-off VMs
+
+    def _paused_marker(self, new_cp: str) -> Path:
+        return self.work_dir / "paused" / new_cp
+
+    def _start_paused(self, dom: libvirt.virDomain, new_cp: str) -> None:
+        """Start a shut-off domain with its CPUs stopped: QEMU opens the disks and can
+        serve a backup, the guest never runs an instruction. The marker (written first)
+        lets a retry or release in another process know the domain is ours to stop."""
+        marker = self._paused_marker(new_cp)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(dom.UUIDString())
+        try:
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        except libvirt.libvirtError as e:
+            if not dom.isActive():
+                marker.unlink(missing_ok=True)
+                raise ConnectorError(
+                    f"starting shut-off VM {dom.name()!r} paused (to read its disks) failed: "
+                    f"{e.get_error_message()}"
+                ) from e
+
+    def _stop_paused(self, dom: libvirt.virDomain, new_cp: str) -> None:
+        """Stop a domain _start_paused started, unless someone resumed it meanwhile.
+        SIGTERM only (graceful): QEMU then stores the dirty bitmaps in the images."""
+        marker = self._paused_marker(new_cp)
+        try:
+            state, _ = dom.state()
+            if dom.isActive() and state == libvirt.VIR_DOMAIN_PAUSED:
+                try:
+                    dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+                except libvirt.libvirtError:
+                    if dom.isActive():
+                        dom.destroy()
+        except libvirt.libvirtError as e:
+            if dom.isActive():
+                raise ConnectorError(
+                    f"stopping VM {dom.name()!r}, started paused to read its disks, failed: "
+                    f"{e.get_error_message()}"
+                ) from e
+        marker.unlink(missing_ok=True)
+
+    def paused_by_us(self, ref: str) -> bool:
+        """Whether the VM is paused because a freeze of ours started it so (a worker died
+        before releasing it)."""
+        conn = self._conn()
+        try:
+            dom = self._lookup(conn, ref)
+            state, _ = dom.state()
+            return state == libvirt.VIR_DOMAIN_PAUSED and bool(self._our_paused_markers(dom))
+        finally:
+            conn.close()
+
+    def _our_paused_markers(self, dom: libvirt.virDomain) -> list[Path]:
+        uuid = dom.UUIDString()
+        found = []
+        for marker in sorted((self.work_dir / "paused").glob("*")):
+            with contextlib.suppress(OSError):
+                if marker.read_text().strip() == uuid:
+                    found.append(marker)
+        return found
+
+    def stop_leftover_paused(self, ref: str) -> None:
+        """Stop the VM if a freeze of ours left it started paused (undo after a failure)."""
+        conn = self._conn()
+        try:
+            dom = self._lookup(conn, ref)
+            for marker in self._our_paused_markers(dom):
+                self._stop_paused(dom, marker.name)
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ power
+
+    def power_off(self, ref: str, timeout_seconds: float, force: bool) -> bool:
+        """Shut the VM down cleanly (ACPI power button) and wait until it is off; power it
+        off when ``force`` and it did not stop in time. Returns whether it was running."""
+        conn = self._conn()
+        try:
+            dom = self._lookup(conn, ref)
+            if not dom.isActive():
+                return False
+            deadline = time.monotonic() + timeout_seconds
+            asked = 0.0
+            while dom.isActive():
+                if time.monotonic() - asked > 15:  # repeat: an early press can be lost
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                    asked = time.monotonic()
+                if time.monotonic() > deadline:
+                    if not force:
+                        raise ConnectorError(
+                            f"VM {dom.name()!r} did not shut down within {timeout_seconds:.0f} s "
+                            "of the ACPI power button; shut it down from inside the guest, or "
+                            "run a failover with force_off"
+                        )
+                    log.warning("VM %s ignored the power button; powering it off", dom.name())
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.destroy()
+                    break
+                time.sleep(0.5)
+            return True
+        finally:
+            conn.close()
+
+    def power_on(self, ref: str) -> None:
+        conn = self._conn()
+        try:
+            dom = self._lookup(conn, ref)
+            if dom.isActive():
+                state, _ = dom.state()
+                if state == libvirt.VIR_DOMAIN_PAUSED:
+                    dom.resume()
+                return
+            try:
+                dom.create()
             except libvirt.libvirtError as e:
-                if prev is None or not _is_checkpoint_problem(e):
+                if not dom.isActive():
                     raise ConnectorError(
-                        f"starting the backup of {wl.name!r} failed: {e.get_error_message()}"
-                    ) from e
-                # The checkpoint exists in libvirt's metadata but its bitmap is missing
-                # or inconsistent in the image: tracking is lost, resync every disk.
-                log.warning("checkpoint %s unusable (%s): resync", prev, e.get_error_message())
-                reason = f"checkpoint {prev} unusable: {e.get_error_message()}"
-                handle.kinds = {d.id: ChangeKind.RESYNC for d in current.disks}
-                handle.reasons = {d.id: reason for d in current.disks}
-                handle.data["previous_checkpoint"] = None
-                handle.data["stale_checkpoint"] = prev
-                if new_cp in _checkpoint_names(dom):
-                    _delete_checkpoint(dom, new_cp)
-                self._begin_backup(dom, handle)
-            return KvmFrozen(self, handle)
+                        f"starting VM {dom.name()!r} failed: {e.get_error_message()}") from e
         finally:
             conn.close()
 
@@ -538,6 +680,8 @@ class KvmFrozen:
                 # Deleting the new checkpoint merges its bitmap into the previous one,
                 # so the next cycle still sees every change since that checkpoint.
                 _delete_checkpoint(dom, new_cp)
+            if self.handle.data.get("started_paused") or self.source._paused_marker(new_cp).exists():
+                self.source._stop_paused(dom, new_cp)
         finally:
             conn.close()
         shutil.rmtree(self.handle.data["dir"], ignore_errors=True)

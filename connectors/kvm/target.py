@@ -524,10 +524,11 @@ class KvmTarget:
                         f"instance of point {point.id} of {protection!r}; choose another name"
                     )
                 if dom.isActive():
-                    return self._instance(dom, spec.name, console_log, md.get("network", ""))
+                    self._begin_tracking(dom, spec)
+                    return self._instance(dom, spec, console_log, md.get("network", ""))
                 if self._files_present(dom) and boot_dir.is_dir():
-                    self._start(dom, spec.name)
-                    return self._instance(dom, spec.name, console_log, md.get("network", ""))
+                    self._start(dom, spec)
+                    return self._instance(dom, spec, console_log, md.get("network", ""))
                 # An earlier attempt died between defining the domain and starting it,
                 # and its overlays are gone: define it again from scratch.
                 with contextlib.suppress(libvirt.libvirtError):
@@ -578,7 +579,8 @@ class KvmTarget:
                 nics=nics,
                 console_log=str(console_log),
                 metadata={"protection": protection, "point": point.id,
-                          "boot_dir": str(boot_dir), "network": network},
+                          "boot_dir": str(boot_dir), "network": network,
+                          "role": "production" if spec.production else "test"},
             )
             try:
                 dom = conn.defineXML(dx.domain_xml(shape))
@@ -589,13 +591,16 @@ class KvmTarget:
                 # in libvirtd; our overlays stay for it and the retry takes it over.
                 raise ConnectorError(f"defining domain {spec.name!r} failed: {e}") from e
             try:
-                self._start(dom, spec.name)
+                self._start(dom, spec)
             except ConnectorError:
+                with contextlib.suppress(libvirt.libvirtError):
+                    if dom.isActive():
+                        dom.destroy()
                 with contextlib.suppress(libvirt.libvirtError):
                     self._undefine(dom)
                 shutil.rmtree(boot_dir, ignore_errors=True)
                 raise
-            return self._instance(dom, spec.name, console_log, network)
+            return self._instance(dom, spec, console_log, network)
         finally:
             conn.close()
 
@@ -626,23 +631,62 @@ class KvmTarget:
                 raise NotFound(f"layer {pd.location} of point {point.id} is missing")
         return out
 
-    def _start(self, dom: libvirt.virDomain, name: str) -> None:
+    def _start(self, dom: libvirt.virDomain, spec: BootSpec) -> None:
+        """Start the domain. A production VM starts paused, gets its change tracking,
+        then runs: the checkpoint holds every block the guest ever writes."""
         try:
-            dom.create()
+            dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if spec.production else 0)
         except libvirt.libvirtError as e:
             raise ConnectorError(
-                f"starting domain {name!r} failed: {e} (the qemu user must be able to read "
-                f"the layers and traverse {self.root})"
+                f"starting domain {spec.name!r} failed: {e} (the qemu user must be able to "
+                f"read the layers and traverse {self.root})"
+            ) from e
+        self._begin_tracking(dom, spec)
+
+    @staticmethod
+    def _begin_tracking(dom: libvirt.virDomain, spec: BootSpec) -> None:
+        """Production only: the checkpoint ``spec.tracking_name`` on every disk, created
+        while the CPUs are still stopped, then the guest runs. Idempotent."""
+        if not spec.production:
+            return
+        if not spec.tracking_name:
+            raise PermanentError("a production boot needs a tracking checkpoint name")
+        try:
+            names = {c.getName() for c in dom.listAllCheckpoints(0)}
+            state, _ = dom.state()
+            if spec.tracking_name not in names:
+                if state != libvirt.VIR_DOMAIN_PAUSED:
+                    # Running without its tracking (created by hand?): what it wrote so
+                    # far is unknown, so refuse rather than promise an exact failback.
+                    raise PermanentError(
+                        f"domain {spec.name!r} runs without the change tracking a production "
+                        "boot starts; destroy it and fail over again")
+                cp = ET.Element("domaincheckpoint")
+                ET.SubElement(cp, "name").text = spec.tracking_name
+                ET.SubElement(cp, "description").text = "transcend: changes since failover"
+                disks = ET.SubElement(cp, "disks")
+                xml = ET.fromstring(dom.XMLDesc(0))
+                for d in xml.findall("devices/disk"):
+                    t = d.find("target")
+                    if d.get("device", "disk") == "disk" and t is not None:
+                        ET.SubElement(disks, "disk", name=t.get("dev", ""), checkpoint="bitmap")
+                dom.checkpointCreateXML(ET.tostring(cp, "unicode"), 0)
+            if state == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+        except libvirt.libvirtError as e:
+            raise ConnectorError(
+                f"starting change tracking on {spec.name!r} failed: {e.get_error_message()}"
             ) from e
 
-    def _instance(self, dom: libvirt.virDomain, name: str, console_log: Path,
+    def _instance(self, dom: libvirt.virDomain, spec: BootSpec, console_log: Path,
                   network: str) -> Instance:
         xml = ET.fromstring(dom.XMLDesc(0))
         overlays = [src.get("file", "") for src in xml.findall("devices/disk/source")]
         return Instance(
-            platform=self.info.name, id=dom.UUIDString(), name=name,
+            platform=self.info.name, id=dom.UUIDString(), name=spec.name,
             console_log=str(console_log), overlays=overlays, network=network,
             state="running" if dom.isActive() else "stopped",
+            tracking=spec.tracking_name if spec.production else "",
         )
 
     @staticmethod
