@@ -25,6 +25,7 @@ from temporalio.worker import Worker
 
 from activities.context import ActivityContext
 from activities.cycle import CycleActivities
+from activities.dr import DrActivities
 from activities.failover import FailoverActivities
 from activities.points import PointActivities
 from activities.protection import ProtectionActivities
@@ -33,6 +34,7 @@ from transcend.catalog import Catalog
 from transcend.client import connect
 from transcend.config import Settings, load_settings
 from workflows.cycle import CycleWorkflow
+from workflows.dr import FailbackWorkflow, FailoverWorkflow, MigrationWorkflow
 from workflows.failover import TestFailoverWorkflow
 from workflows.points import BootPointWorkflow, VerifyPointWorkflow
 from workflows.replication import ReplicationWorkflow
@@ -41,12 +43,13 @@ log = logging.getLogger("transcend.worker")
 
 WORKFLOWS: list[type] = [
     ReplicationWorkflow, CycleWorkflow, VerifyPointWorkflow, BootPointWorkflow, TestFailoverWorkflow,
+    FailoverWorkflow, MigrationWorkflow, FailbackWorkflow,
 ]
 
 
 def activities(ctx: ActivityContext) -> list[Any]:
     cycle, protection, points = CycleActivities(ctx), ProtectionActivities(ctx), PointActivities(ctx)
-    failover = FailoverActivities(ctx)
+    failover, dr = FailoverActivities(ctx), DrActivities(ctx)
     return [
         cycle.start, cycle.prepare, cycle.freeze, cycle.begin, cycle.abort, cycle.stream,
         cycle.verify_sample, cycle.commit, cycle.release, cycle.retention, cycle.record,
@@ -57,6 +60,9 @@ def activities(ctx: ActivityContext) -> list[Any]:
         protection.delete_schedule,
         points.point_target, points.verify, points.boot,
         failover.choose_point, failover.health, failover.destroy,
+        dr.check, dr.abort, dr.wait_idle, dr.power_off, dr.power_on, dr.boot,
+        dr.failback_check, dr.failback_abort, dr.failback_sync, dr.failback_verify,
+        dr.failback_finish,
     ]
 
 

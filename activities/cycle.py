@@ -132,6 +132,7 @@ class CycleActivities:
             last_point=cat.latest_point(inp.protection),
             state=rec.state,
             force_resync=inp.force_resync,
+            final=inp.final,
             started_at=started,
         )
 
@@ -156,7 +157,7 @@ class CycleActivities:
         with permanent():
             frozen = source.freeze(
                 ctx.protection, ctx.cycle_id, ctx.workloads, since,
-                FreezeOptions(force_resync=ctx.force_resync),
+                FreezeOptions(force_resync=ctx.force_resync, offline_ok=ctx.final),
             )
         handle = frozen.handle
         # A disk the replica already holds but the source has no checkpoint for (the

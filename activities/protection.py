@@ -129,11 +129,19 @@ class ProtectionActivities:
 
     @activity.defn(name="protection.set_state")
     async def set_state(self, c: StateChange) -> None:
-        await in_thread(
-            lambda: self.ctx.catalog.set_protection_state(
-                c.protection, c.state, health=c.health, reason=c.reason
-            )
-        )
+        """Health and protecting/paused from the Replication workflow. A DR operation's
+        state (failing over, failed over, failing back) is only changed by the DR
+        workflows: here only the health is updated then."""
+
+        def run() -> None:
+            cat = self.ctx.catalog
+            current = cat.get_protection(c.protection).state
+            dr = (ProtectionState.FAILING_OVER, ProtectionState.FAILED_OVER,
+                  ProtectionState.FAILING_BACK)
+            state = current if current in dr and c.state != ProtectionState.REMOVED else c.state
+            cat.set_protection_state(c.protection, state, health=c.health, reason=c.reason)
+
+        await in_thread(run)
 
     @activity.defn(name="protection.update_policy")
     async def update_policy(self, u: PolicyUpdate) -> None:

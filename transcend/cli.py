@@ -21,17 +21,25 @@ import click
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from transcend.api import (
     BOOT_WORKFLOW,
     CONTROL_TASK_QUEUE,
     CYCLE_WORKFLOW,
+    FAILBACK_WORKFLOW,
+    FAILOVER_WORKFLOW,
+    MIGRATION_WORKFLOW,
     REPLICATION_WORKFLOW,
     TEST_FAILOVER_WORKFLOW,
     VERIFY_WORKFLOW,
     BootInput,
     BootResult,
+    FailbackInput,
+    FailbackStatus,
+    FailoverInput,
+    FailoverStatus,
     HealthCheck,
     PolicyChange,
     ReplicationInput,
@@ -41,6 +49,8 @@ from transcend.api import (
     VerifyInput,
     VerifyResult,
     boot_id,
+    failback_id,
+    failover_id,
     replication_id,
     test_failover_id,
     verify_id,
@@ -525,6 +535,174 @@ async def cleanup(protection: str) -> None:
         return
     click.echo(f"test failover of {protection} cleaned up (RTO was "
                f"{st.rto_seconds:.1f}s)" if st.rto_seconds is not None else f"{protection}: cleaned up")
+
+
+def _health(console_pattern: str, health_timeout: str) -> HealthCheck:
+    return HealthCheck(kind="console" if console_pattern else "none", pattern=console_pattern,
+                       timeout_seconds=parse_duration(health_timeout))
+
+
+async def _follow(handle: Any, status_type: type[Any], describe: Callable[[Any], str]) -> Any:
+    """Print the operation's phase as it changes until the workflow ends; its result."""
+    last = ""
+    while True:
+        desc = await handle.describe()
+        try:
+            st = await handle.query("progress", result_type=status_type)
+            line = describe(st)
+            if line != last:
+                click.echo(f"  {line}")
+                last = line
+        except RPCError:
+            pass
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            try:
+                return await handle.result()
+            except WorkflowFailureError as e:
+                fail(_failure_text(e))
+        await asyncio.sleep(1)
+
+
+def _failover_line(st: FailoverStatus) -> str:
+    extra = f" point {st.point_id}" if st.point_id else ""
+    if st.final_cycle:
+        extra += f"; final cycle {st.final_cycle}"
+    return f"{st.phase}{extra}"
+
+
+async def _start_failover(workflow: str, inp: FailoverInput, wait: bool) -> None:
+    client = await _client()
+    try:
+        handle = await client.start_workflow(
+            workflow, inp, id=failover_id(inp.protection), task_queue=CONTROL_TASK_QUEUE,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE, result_type=FailoverStatus)
+    except WorkflowAlreadyStartedError:
+        fail(f"a failover or migration of {inp.protection!r} is already running")
+        return
+    click.echo(f"{workflow.lower()} of {inp.protection} started: workflow {handle.id}")
+    if not wait:
+        return
+    st: FailoverStatus = await _follow(handle, FailoverStatus, _failover_line)
+    vm = st.instance.name if st.instance else "?"
+    rto = f"RTO {st.rto_seconds:.1f}s" if st.rto_seconds is not None else ""
+    click.echo(f"{inp.protection}: production now runs as {vm} from point {st.point_id}; {rto}")
+    if st.error:
+        click.echo(f"  warning: {st.error}")
+    click.echo(f"bring it home with: transcend failback {inp.protection}")
+
+
+_failover_options = [
+    click.option("--name", default="", help="production VM name at the target "
+                 "(default: the source VM's; with -dr on the same host)"),
+    click.option("--network", default="", help="target network (default: the source NICs')"),
+    click.option("--console-pattern", default="", help="health check: regex on the serial console"),
+    click.option("--health-timeout", default="10m", show_default=True),
+    click.option("--shutdown-timeout", default="5m", show_default=True),
+    click.option("--wait/--no-wait", default=True, show_default=True),
+]
+
+
+def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    def deco(fn: Any) -> Any:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+@main.command()
+@click.argument("protection")
+@click.option("--point", "point_id", default=None, help="point id (default: the newest)")
+@click.option("--final-cycle/--no-final-cycle", default=True, show_default=True,
+              help="replicate once more first if the source answers")
+@click.option("--shutdown-source/--no-shutdown-source", default=True, show_default=True)
+@_with(_failover_options)
+@run_async
+async def failover(protection: str, point_id: str | None, final_cycle: bool,
+                   shutdown_source: bool, name: str, network: str, console_pattern: str,
+                   health_timeout: str, shutdown_timeout: str, wait: bool) -> None:
+    """Unplanned failover: run the protection's VM at the target from a point."""
+    try:
+        inp = FailoverInput(protection=protection, point_id=point_id, final_cycle=final_cycle,
+                            shutdown_source=shutdown_source, name=name, network=network,
+                            shutdown_timeout_seconds=parse_duration(shutdown_timeout),
+                            health=_health(console_pattern, health_timeout))
+    except (ValidationError, ValueError) as e:
+        fail(str(e))
+        return
+    await _start_failover(FAILOVER_WORKFLOW, inp, wait)
+
+
+@main.command()
+@click.argument("protection")
+@_with(_failover_options)
+@run_async
+async def migrate(protection: str, name: str, network: str, console_pattern: str,
+                  health_timeout: str, shutdown_timeout: str, wait: bool) -> None:
+    """Planned migration: shut the source down cleanly, replicate the last changes, run
+    the VM at the target. Nothing the guest wrote is lost."""
+    try:
+        inp = FailoverInput(protection=protection, planned=True, name=name, network=network,
+                            shutdown_timeout_seconds=parse_duration(shutdown_timeout),
+                            health=_health(console_pattern, health_timeout))
+    except (ValidationError, ValueError) as e:
+        fail(str(e))
+        return
+    await _start_failover(MIGRATION_WORKFLOW, inp, wait)
+
+
+def _failback_line(st: FailbackStatus) -> str:
+    return (f"{st.phase}: {len(st.passes)} pass(es), "
+            f"{st.bytes_written / 2**20:.1f} MiB written back")
+
+
+@main.command()
+@click.argument("protection")
+@click.option("--migrate-now/--keep-syncing", default=True, show_default=True,
+              help="keep syncing until `transcend failback PROTECTION --migrate` instead")
+@click.option("--migrate", "signal_migrate", is_flag=True,
+              help="tell a running failback to migrate back now")
+@click.option("--sync-interval", default="5m", show_default=True)
+@click.option("--start-original/--no-start-original", default=True, show_default=True)
+@click.option("--keep-failed-over", is_flag=True, help="leave the failed-over VM defined, off")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="compare both VMs' disks before the original starts")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@run_async
+async def failback(protection: str, migrate_now: bool, signal_migrate: bool, sync_interval: str,
+                   start_original: bool, keep_failed_over: bool, verify: bool, wait: bool) -> None:
+    """Bring a failed-over VM home: write back only what changed, then migrate back."""
+    client = await _client()
+    if signal_migrate:
+        handle = client.get_workflow_handle(failback_id(protection), result_type=FailbackStatus)
+        try:
+            await handle.signal("migrate")
+        except RPCError as e:
+            fail(f"no failback of {protection!r} is running ({e.message})")
+            return
+    else:
+        try:
+            inp = FailbackInput(protection=protection, migrate_now=migrate_now,
+                                sync_interval_seconds=parse_duration(sync_interval),
+                                start_original=start_original, keep_failed_over=keep_failed_over,
+                                verify=verify)
+        except (ValidationError, ValueError) as e:
+            fail(str(e))
+            return
+        try:
+            handle = await client.start_workflow(
+                FAILBACK_WORKFLOW, inp, id=failback_id(protection), task_queue=CONTROL_TASK_QUEUE,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE, result_type=FailbackStatus)
+        except WorkflowAlreadyStartedError:
+            fail(f"a failback of {protection!r} is already running; `--migrate` tells it to "
+                 "migrate back now")
+            return
+        click.echo(f"failback of {protection} started: workflow {handle.id}")
+    if not wait:
+        return
+    st: FailbackStatus = await _follow(handle, FailbackStatus, _failback_line)
+    click.echo(f"{protection}: failed back ({st.bytes_written / 2**20:.1f} MiB written back in "
+               f"{len(st.passes)} pass(es)); replication resumed")
 
 
 @main.command()

@@ -105,7 +105,8 @@ class CycleWorkflow:
             "protection.view", inp.protection, result_type=ProtectionView,
             task_queue=CONTROL_TASK_QUEUE, **SHORT
         )
-        if view.state != ProtectionState.PROTECTING:
+        allowed = ProtectionState.FAILING_OVER if inp.final else ProtectionState.PROTECTING
+        if view.state != allowed:
             return CycleOutcome(
                 cycle_id=workflow.info().workflow_id, status="skipped",
                 error=f"protection is {view.state.value}",

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         CONTROL_TASK_QUEUE,
         REPLICATION_WORKFLOW,
         CycleOutcome,
+        DrStateSignal,
         PauseInput,
         PolicyChange,
         PolicyUpdate,
@@ -77,6 +78,7 @@ class ReplicationWorkflow:
         self._current_cycle: str | None = None
         self._health = Health.HEALTHY
         self._health_reason = "no cycle yet"
+        self._dr_signals: list[DrStateSignal] = []
 
     # ------------------------------------------------------------------ run
 
@@ -105,7 +107,8 @@ class ReplicationWorkflow:
         while True:
             try:
                 await workflow.wait_condition(
-                    lambda: bool(self._outcomes) or self._removed or self._should_continue(),
+                    lambda: bool(self._outcomes) or bool(self._dr_signals) or self._removed
+                    or self._should_continue(),
                     timeout=timedelta(seconds=self._view_policy().rpo_seconds),
                 )
             except TimeoutError:
@@ -115,6 +118,8 @@ class ReplicationWorkflow:
                 self._upsert_attributes()
                 continue
             async with self._lock:
+                while self._dr_signals:
+                    await self._on_dr_state(self._dr_signals.pop(0))
                 while self._outcomes:
                     await self._on_outcome(self._outcomes.pop(0))
             if self._removed:
@@ -170,7 +175,7 @@ class ReplicationWorkflow:
             ScheduleInput(
                 protection=self._protection,
                 interval_seconds=self._carry.interval_seconds,
-                paused=self._carry.paused,
+                paused=self._carry.paused or self._carry.dr_state is not None,
                 trigger_now=trigger_now,
                 search_attributes={
                     "SOURCE_PLATFORM": self._view.source.name,
@@ -192,6 +197,34 @@ class ReplicationWorkflow:
     def test_failover_finished(self, report: TestFailoverReport) -> None:
         """Kept (the last 20) so the measured RTO of every test is on the protection."""
         self._carry.test_failovers = [*self._carry.test_failovers, report][-20:]
+
+    @workflow.signal(name="dr_state")
+    def dr_state(self, signal: DrStateSignal) -> None:
+        """From the Failover/Migration/Failback workflows: what happened to production."""
+        self._dr_signals.append(signal)
+
+    async def _on_dr_state(self, signal: DrStateSignal) -> None:
+        self._events += 1
+        c = self._carry
+        returning = c.dr_state is not None and signal.state in (
+            ProtectionState.PROTECTING, ProtectionState.PAUSED)
+        if signal.state in (ProtectionState.PROTECTING, ProtectionState.PAUSED):
+            c.dr_state, c.dr_reason = None, ""
+        else:
+            c.dr_state, c.dr_reason = signal.state, signal.reason
+        self._evaluate_health()
+        self._upsert_attributes()
+        if returning and not c.paused:
+            # Failed back (or a failover undone): the schedule runs again, and a cycle
+            # now brings the replica up to date.
+            await workflow.execute_activity(
+                "schedule.pause", PauseInput(protection=self._protection, paused=False),
+                task_queue=CONTROL_TASK_QUEUE, **SHORT
+            )
+            if signal.reason.startswith("failed back"):
+                await workflow.execute_activity(
+                    "schedule.trigger", self._protection, task_queue=CONTROL_TASK_QUEUE, **SHORT
+                )
 
     @workflow.signal(name="cycle_started")
     def cycle_started(self, cycle_id: str) -> None:
@@ -232,7 +265,7 @@ class ReplicationWorkflow:
         if abs(wanted - c.interval_seconds) > max(5, c.interval_seconds // 5):
             c.interval_seconds = wanted
             await self._ensure_schedule()
-        if policy.continuous and o.status == "committed" and not c.paused:
+        if policy.continuous and o.status == "committed" and not c.paused and c.dr_state is None:
             await workflow.execute_activity(
                 "schedule.trigger", self._protection, task_queue=CONTROL_TASK_QUEUE,
                 **SHORT
@@ -243,7 +276,11 @@ class ReplicationWorkflow:
         target = self._view_policy().rpo_seconds
         now = workflow.now()
         age = (now - c.last_point_instant).total_seconds() if c.last_point_instant else None
-        if c.paused:
+        if c.dr_state is not None:
+            # Not replicating on purpose: the DR operation's own status says how it went.
+            self._health = Health.WARNING
+            self._health_reason = f"{c.dr_state.value}: {c.dr_reason}"
+        elif c.paused:
             self._health, self._health_reason = Health.WARNING, "replication paused; resume it"
         elif c.consecutive_failures >= FAILED_AFTER:
             self._health = Health.FAILED
@@ -279,7 +316,7 @@ class ReplicationWorkflow:
             sa.TARGET_KIND.value_set(self._view.target.kind.value),
             sa.SITE.value_set(self._view.source.site),
             sa.HEALTH.value_set(self._health.value),
-            sa.STATE.value_set("removed" if self._removed else ("paused" if c.paused else "protecting")),
+            sa.STATE.value_set(self._state().value),
             sa.RPO_TARGET.value_set(self._view.policy.rpo_seconds),
         ]
         if c.recent_rpo:
@@ -290,15 +327,28 @@ class ReplicationWorkflow:
 
     # ------------------------------------------------------------------ operator API
 
+    def _state(self) -> ProtectionState:
+        c = self._carry
+        if self._removed:
+            return ProtectionState.REMOVED
+        if c.dr_state is not None:
+            return c.dr_state
+        return ProtectionState.PAUSED if c.paused else ProtectionState.PROTECTING
+
+    def _refuse_during_dr(self, what: str) -> None:
+        if self._carry.dr_state is not None:
+            raise ApplicationError(
+                f"cannot {what}: the protection is {self._carry.dr_state.value} "
+                f"({self._carry.dr_reason}); fail back first", type="WrongState",
+                non_retryable=True)
+
     @workflow.query
     def status(self) -> ReplicationStatus:
         c = self._carry
         policy = self._view.policy if self._view else None
         return ReplicationStatus(
             protection=self._protection,
-            state=ProtectionState.PAUSED if c.paused else (
-                ProtectionState.REMOVED if self._removed else ProtectionState.PROTECTING
-            ),
+            state=self._state(),
             health=self._health,
             health_reason=self._health_reason,
             rpo_target_seconds=policy.rpo_seconds if policy else 0,
@@ -324,6 +374,7 @@ class ReplicationWorkflow:
 
     async def _set_paused(self, paused: bool) -> ReplicationStatus:
         await workflow.wait_condition(lambda: self._view is not None)
+        self._refuse_during_dr("pause or resume")
         async with self._lock:
             if self._carry.paused != paused:
                 await workflow.execute_activity(
@@ -366,6 +417,7 @@ class ReplicationWorkflow:
     @workflow.update(name="sync_now")
     async def sync_now(self) -> ReplicationStatus:
         await workflow.wait_condition(lambda: self._view is not None)
+        self._refuse_during_dr("sync")
         if self._carry.paused:
             raise ApplicationError("protection is paused; resume it first", non_retryable=True)
         await workflow.execute_activity(
@@ -376,8 +428,11 @@ class ReplicationWorkflow:
 
     @workflow.update(name="remove")
     async def remove(self) -> ReplicationStatus:
-        """Stop replicating: the schedule is deleted; recovery points stay on the target."""
+        """Stop replicating: the schedule is deleted; recovery points stay on the target.
+        Allowed when failed over (a migration's cutover), not while a DR operation runs."""
         await workflow.wait_condition(lambda: self._view is not None)
+        if self._carry.dr_state in (ProtectionState.FAILING_OVER, ProtectionState.FAILING_BACK):
+            self._refuse_during_dr("remove")
         async with self._lock:
             await workflow.execute_activity(
                 "schedule.delete", self._protection, task_queue=CONTROL_TASK_QUEUE,
