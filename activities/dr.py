@@ -315,6 +315,7 @@ class DrActivities:
                      for d in fo_wl.disks}
             frozen = failed_over.freeze(tracking_protection(inp.protection), pass_id, [fo_wl],
                                         since, FreezeOptions(offline_ok=True))
+            assert isinstance(frozen, KvmFrozen)  # one VM
         result = FailbackPass(protection=inp.protection, final=inp.final, mode=mode)
         try:
             with open_disks(original, orig_wl.ref.id, readonly=False) as dsts:

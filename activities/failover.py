@@ -13,7 +13,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.context import ActivityContext, in_thread, permanent
-from transcend.api import DestroyInput, HealthInput, TestFailoverInput
+from transcend.api import BootTier, DestroyInput, HealthInput, TestFailoverInput
 from transcend.models import ProtectionState, RecoveryPoint
 
 CONSOLE_POLL_SECONDS = 0.5
@@ -49,6 +49,28 @@ class FailoverActivities:
                     f"protection {inp.protection!r} has no recovery point yet; wait for the "
                     "first cycle (`transcend status`)", type="NoPoint", non_retryable=True)
             return points[-1]
+
+        return await in_thread(run)
+
+    @activity.defn(name="failover.tiers")
+    async def tiers(self, inp: TestFailoverInput) -> list[BootTier]:
+        """The boot order, checked against the protection's VMs: each exactly once."""
+
+        def run() -> list[BootTier]:
+            with permanent():
+                vms = [w.name for w in self.ctx.catalog.get_protection(inp.protection).workloads]
+            if not inp.boot_order:
+                return [BootTier(vms=[vm]) for vm in vms]
+            ordered = [vm for tier in inp.boot_order for vm in tier.vms]
+            unknown = sorted(set(ordered) - set(vms))
+            twice = sorted({vm for vm in ordered if ordered.count(vm) > 1})
+            missing = [vm for vm in vms if vm not in ordered]
+            if unknown or twice or missing:
+                raise ApplicationError(
+                    f"boot order of {inp.protection!r} must name each of its VMs ({', '.join(vms)}) "
+                    f"exactly once: unknown {unknown}, twice {twice}, missing {missing}",
+                    type="WrongInput", non_retryable=True)
+            return inp.boot_order
 
         return await in_thread(run)
 

@@ -9,6 +9,7 @@ from temporalio import activity
 
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
+from connectors.base import PermanentError
 from transcend.api import BootInput, BootResult, VerifyInput, VerifyResult
 from transcend.models import BootSpec, PlatformInfo
 
@@ -79,6 +80,12 @@ class PointActivities:
                 rec = cat.get_protection(point.protection)
                 target = self.ctx.target(rec.spec.target_platform)
                 workload = rec.workloads[0] if rec.workloads else None
+                if inp.vm:
+                    workload = next((w for w in rec.workloads if w.name == inp.vm), None)
+                    if workload is None:
+                        raise PermanentError(
+                            f"protection {rec.name!r} has no VM {inp.vm!r}; its VMs: "
+                            f"{', '.join(w.name for w in rec.workloads)}")
                 inst = target.boot(
                     point,
                     BootSpec(name=inp.name, network=inp.network, isolated=inp.isolated,

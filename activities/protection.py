@@ -40,7 +40,7 @@ from transcend.api import (
     schedule_id,
 )
 from transcend.catalog import AlreadyExists, NotFoundError
-from transcend.models import Health, ProtectionSpec, ProtectionState, Workload
+from transcend.models import Health, ProtectionSpec, ProtectionState, Workload, replica_disks
 
 
 class ProtectionActivities:
@@ -88,7 +88,7 @@ class ProtectionActivities:
         def run() -> None:
             with permanent():
                 target = self.ctx.target(args.plan.target.name)
-                target.prepare(args.plan.spec.name, [d for w in args.workloads for d in w.disks])
+                target.prepare(args.plan.spec.name, replica_disks(args.workloads))
 
         await in_thread(run)
 

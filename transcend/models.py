@@ -312,6 +312,15 @@ class PointMeta(Model):
     )
 
 
+def replica_disks(workloads: list[Workload]) -> list[DiskInfo]:
+    """Disks as the replica names them: the disk ids of one VM, ``<VM name>/<disk>`` for
+    the members of a consistency group (their disk ids repeat: every VM has a vda)."""
+    if len(workloads) == 1:
+        return list(workloads[0].disks)
+    return [d.model_copy(update={"id": f"{w.name}/{d.id}", "name": f"{w.name}/{d.id}"})
+            for w in workloads for d in w.disks]
+
+
 class BootSpec(Model):
     name: str
     network: str = Field(default="", description="target network; empty = isolated")

@@ -7,21 +7,26 @@ Deterministic: no I/O, clock or randomness but Temporal's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
     from transcend.api import (
         CONTROL_TASK_QUEUE,
+        RECOVER_VM_WORKFLOW,
         TEST_FAILOVER_WORKFLOW,
         BootInput,
         BootResult,
+        BootTier,
         DestroyInput,
         HealthInput,
+        RecoveredVm,
+        RecoverVmInput,
         TestFailoverInput,
         TestFailoverReport,
         TestFailoverStatus,
@@ -30,6 +35,36 @@ with workflow.unsafe.imports_passed_through():
     from transcend.config import site_task_queue
     from transcend.models import Instance, PlatformInfo, RecoveryPoint
     from workflows.cycle import CLEANUP, HEARTBEAT, NON_RETRYABLE, SHORT, _cause
+
+
+@workflow.defn(name=RECOVER_VM_WORKFLOW)
+class RecoverVmWorkflow:
+    """Boot one VM of a point and wait for its health check (a child of a test failover;
+    one per VM so a group's VMs show, retry and fail separately in the UI)."""
+
+    @workflow.run
+    async def run(self, inp: RecoverVmInput) -> RecoveredVm:
+        boot: BootResult = await workflow.execute_activity(
+            "point.boot",
+            BootInput(point_id=inp.point_id, name=inp.name, network=inp.network,
+                      isolated=inp.isolated, vm=inp.vm),
+            result_type=BootResult, task_queue=inp.target_queue, **SHORT
+        )
+        booted_at = workflow.now()
+        target: PlatformInfo = await workflow.execute_activity(
+            "point.target", inp.point_id, result_type=PlatformInfo,
+            task_queue=CONTROL_TASK_QUEUE, **SHORT
+        )
+        instance = Instance(platform=target.name, id=boot.instance_id, name=boot.name,
+                            console_log=boot.console_log)
+        healthy_at: datetime = await workflow.execute_activity(
+            "instance.health", HealthInput(instance=instance, health=inp.health),
+            result_type=datetime, task_queue=inp.target_queue,
+            start_to_close_timeout=timedelta(seconds=inp.health.timeout_seconds + 60),
+            heartbeat_timeout=HEARTBEAT,
+            retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE),
+        )
+        return RecoveredVm(vm=inp.vm, instance=instance, booted_at=booted_at, healthy_at=healthy_at)
 
 
 @workflow.defn(name=TEST_FAILOVER_WORKFLOW)
@@ -44,7 +79,7 @@ class TestFailoverWorkflow:
 
     @workflow.signal(name="cleanup")
     def cleanup(self) -> None:
-        """End the test now: the VM and its overlays are removed."""
+        """End the test now: the VMs and their overlays are removed."""
         self._cleanup = True
 
     @workflow.run
@@ -61,27 +96,22 @@ class TestFailoverWorkflow:
             "point.target", point.id, result_type=PlatformInfo,
             task_queue=CONTROL_TASK_QUEUE, **SHORT
         )
+        tiers: list[BootTier] = await workflow.execute_activity(
+            "failover.tiers", inp, result_type=list[BootTier],
+            task_queue=CONTROL_TASK_QUEUE, **SHORT
+        )
         target_q = site_task_queue(target.site)
-        instance: Instance | None = None
+        base = inp.name or f"{inp.protection}-test"
+        group = sum(len(t.vms) for t in tiers) > 1
+        names = {vm: f"{base}-{vm}" if group else base for t in tiers for vm in t.vms}
         try:
             st.phase = "booting"
-            boot: BootResult = await workflow.execute_activity(
-                "point.boot",
-                BootInput(point_id=point.id, name=inp.name or f"{inp.protection}-test",
-                          network=inp.network, isolated=not inp.network),
-                result_type=BootResult, task_queue=target_q, **SHORT
-            )
-            instance = Instance(platform=target.name, id=boot.instance_id, name=boot.name,
-                                console_log=boot.console_log)
-            st.instance = instance
-            st.phase = "health-check"
-            healthy_at: datetime = await workflow.execute_activity(
-                "instance.health", HealthInput(instance=instance, health=inp.health),
-                result_type=datetime, task_queue=target_q,
-                start_to_close_timeout=timedelta(seconds=inp.health.timeout_seconds + 60),
-                heartbeat_timeout=HEARTBEAT,
-                retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE),
-            )
+            for i, tier in enumerate(tiers):
+                st.tier = i
+                await self._boot_tier(inp, point, tier, names, target_q)
+                if tier.delay_seconds:
+                    await workflow.sleep(tier.delay_seconds)
+            healthy_at = max(v.healthy_at for v in st.vms)
             st.rto_seconds = (healthy_at - started).total_seconds()
             await self._report(TestFailoverReport(
                 point_id=point.id, started_at=started, healthy_at=healthy_at,
@@ -90,33 +120,56 @@ class TestFailoverWorkflow:
             with contextlib.suppress(TimeoutError):  # kept long enough: clean up by itself
                 await workflow.wait_condition(lambda: self._cleanup,
                                               timeout=timedelta(seconds=inp.keep_seconds))
-        except ActivityError as e:
+        except (ActivityError, ChildWorkflowError, ApplicationError) as e:
             st.error = _cause(e)
             await self._report(TestFailoverReport(point_id=point.id, started_at=started, ok=False,
                                                   error=st.error))
         finally:
-            # Also on cancellation: a test never leaves a VM or overlay behind.
+            # Also on cancellation: a test never leaves a VM or overlay behind. Every VM
+            # that may have been booted is removed by name, last booted first (the
+            # connector refuses to touch a domain that is not a transcend instance).
             st.phase = "cleaning"
-            name = inp.name or f"{inp.protection}-test"
-            try:
-                await workflow.execute_activity(
-                    "instance.destroy",
-                    DestroyInput(point_id=point.id, instance=instance or Instance(
-                        platform=target.name, id="", name=name)),
-                    task_queue=target_q, **CLEANUP
-                )
-            except ActivityError as e:
-                if instance is not None:
-                    raise
-                # The boot never returned: nothing of ours may exist under that name
-                # (the connector refuses to touch a foreign domain).
-                workflow.logger.info("no instance %s to clean up: %s", name, _cause(e))
+            known = {v.vm: v.instance for v in st.vms}
+            for vm in reversed(list(names)):
+                instance = known.get(vm) or Instance(platform=target.name, id="", name=names[vm])
+                try:
+                    await workflow.execute_activity(
+                        "instance.destroy", DestroyInput(point_id=point.id, instance=instance),
+                        task_queue=target_q, **CLEANUP
+                    )
+                except ActivityError as e:
+                    if vm in known:
+                        raise
+                    workflow.logger.info("no instance %s to clean up: %s", names[vm], _cause(e))
         if st.error:
             st.phase = "failed"
             raise ApplicationError(f"test failover of {inp.protection} failed: {st.error}",
                                    type="TestFailoverFailed", non_retryable=True)
         st.phase = "done"
         return st
+
+    async def _boot_tier(self, inp: TestFailoverInput, point: RecoveryPoint, tier: BootTier,
+                         names: dict[str, str], target_q: str) -> None:
+        """Boot the tier's VMs together (child workflows); all must pass their check."""
+        st = self._status
+        results = await asyncio.gather(*[
+            workflow.execute_child_workflow(
+                RECOVER_VM_WORKFLOW,
+                RecoverVmInput(point_id=point.id, vm=vm, name=names[vm], network=inp.network,
+                               isolated=not inp.network, health=tier.health or inp.health,
+                               target_queue=target_q),
+                id=f"{workflow.info().workflow_id}/{vm}", result_type=RecoveredVm,
+            )
+            for vm in tier.vms
+        ], return_exceptions=True)
+        for r in results:
+            if isinstance(r, RecoveredVm):
+                st.vms.append(r)
+                if st.instance is None:
+                    st.instance = r.instance
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def _report(self, report: TestFailoverReport) -> None:
         try:
@@ -125,4 +178,3 @@ class TestFailoverWorkflow:
             ).signal("test_failover_finished", report)
         except ApplicationError:
             workflow.logger.warning("replication workflow of %s not running", self._status.protection)
-

@@ -223,12 +223,11 @@ class KvmSource:
         workloads: list[Workload],
         since: dict[DiskId, Checkpoint],
         opts: FreezeOptions,
-    ) -> KvmFrozen:
-        if len(workloads) != 1:
-            raise PermanentError(
-                "the KVM source freezes one domain per call; consistency groups freeze "
-                "their members through the group workflow"
-            )
+    ) -> KvmFrozen | KvmGroupFrozen:
+        if not workloads:
+            raise PermanentError("nothing to freeze: no VM given")
+        if len(workloads) > 1:
+            return self._freeze_group(protection, cycle_id, workloads, since, opts)
         wl = workloads[0]
         conn = self._conn()
         try:
@@ -305,6 +304,74 @@ class KvmSource:
                 _delete_checkpoint(dom, new_cp)
             self._begin_backup(dom, handle)
         return KvmFrozen(self, handle)
+
+    def _freeze_group(
+        self,
+        protection: str,
+        cycle_id: str,
+        workloads: list[Workload],
+        since: dict[DiskId, Checkpoint],
+        opts: FreezeOptions,
+    ) -> KvmGroupFrozen:
+        """One instant for several domains: every running member is suspended, each
+        member's backup job (and next checkpoint) begins, then all resume. The guests
+        are stopped for the time the jobs take to start (milliseconds to a second),
+        never during the copy."""
+        names = [wl.name for wl in workloads]
+        if len(set(names)) != len(names):
+            raise PermanentError(f"a consistency group needs distinct VM names: {names}")
+        new_cp = f"{CHECKPOINT_PREFIX}{protection}.{cycle_id}"
+        conn = self._conn()
+        try:
+            doms = [self._lookup(conn, wl.ref.id) for wl in workloads]
+            existing = [self._existing_job(d, new_cp) for d in doms]
+            if all(h is not None for h in existing):
+                # A retry: every member's job of the first attempt still runs.
+                return KvmGroupFrozen(self, [KvmFrozen(self, h) for h in existing if h], names)
+            for h in existing:
+                if h is not None:  # only some survived: that instant is lost, start over
+                    KvmFrozen(self, h).release(committed=False)
+            started: set[str] = set()
+            for d in doms:
+                if d.isActive():
+                    continue
+                if not opts.offline_ok:
+                    raise PermanentError(
+                        f"VM {d.name()!r} of the group is not running; pull-mode backup "
+                        "needs a running domain")
+                self._start_paused(d, new_cp)
+                started.add(d.UUIDString())
+            suspended: list[libvirt.virDomain] = []
+            members: list[KvmFrozen] = []
+            try:
+                for d in doms:
+                    if d.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+                        d.suspend()
+                        suspended.append(d)
+                for name, d in zip(names, doms, strict=True):
+                    prefix = f"{name}/"
+                    own = {k[len(prefix):]: cp for k, cp in since.items() if k.startswith(prefix)}
+                    members.append(self._freeze_active(d, protection, cycle_id, new_cp, own, opts,
+                                                       d.UUIDString() in started))
+            except BaseException:
+                for m in members:
+                    with contextlib.suppress(Exception):
+                        m.release(committed=False)
+                for d in doms:
+                    if d.UUIDString() in started:
+                        self._stop_paused(d, new_cp)
+                raise
+            finally:
+                for d in suspended:
+                    try:
+                        d.resume()
+                    except libvirt.libvirtError as e:
+                        log.error("resuming %s after the group freeze failed: %s", d.name(), e)
+            return KvmGroupFrozen(self, members, names)
+        except libvirt.libvirtError as e:
+            raise ConnectorError(f"freezing the group {names} failed: {e.get_error_message()}") from e
+        finally:
+            conn.close()
 
     # ------------------------------------------------------------------ shut-off VMs
 
@@ -429,7 +496,9 @@ class KvmSource:
         finally:
             conn.close()
 
-    def reopen(self, handle: FrozenHandle) -> KvmFrozen:
+    def reopen(self, handle: FrozenHandle) -> KvmFrozen | KvmGroupFrozen:
+        if "group" in handle.data:
+            return KvmGroupFrozen.from_handle(self, handle)
         return KvmFrozen(self, handle)
 
     def _cycle_dir(self, dom: libvirt.virDomain, protection: str) -> Path:
@@ -517,7 +586,7 @@ class KvmSource:
 
     def _existing_job(self, dom: libvirt.virDomain, new_cp: str) -> FrozenHandle | None:
         """A retried freeze finds the job its first attempt started (same checkpoint)."""
-        marker = Path(self.work_dir) / "handles" / f"{new_cp}.json"
+        marker = self._marker(new_cp, dom.UUIDString())
         if not marker.exists():
             return None
         handle = FrozenHandle.model_validate_json(marker.read_text())
@@ -525,15 +594,19 @@ class KvmSource:
             return handle
         return None
 
+    def _marker(self, new_cp: str, domain_uuid: str) -> Path:
+        # per domain: the members of a group share the checkpoint name
+        return Path(self.work_dir) / "handles" / f"{new_cp}.{domain_uuid}.json"
+
     def remember(self, handle: FrozenHandle) -> None:
-        marker = Path(self.work_dir) / "handles" / f"{handle.data['new_checkpoint']}.json"
+        marker = self._marker(handle.data["new_checkpoint"], handle.data["domain_uuid"])
         marker.parent.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(handle.model_dump_json())
         tmp.replace(marker)
 
     def forget(self, handle: FrozenHandle) -> None:
-        marker = Path(self.work_dir) / "handles" / f"{handle.data['new_checkpoint']}.json"
+        marker = self._marker(handle.data["new_checkpoint"], handle.data["domain_uuid"])
         marker.unlink(missing_ok=True)
 
 
@@ -689,3 +762,73 @@ class KvmFrozen:
 
     def describe(self) -> dict[str, Any]:
         return {"kinds": dict(self.handle.kinds), "reasons": dict(self.handle.reasons)}
+
+
+class KvmGroupFrozen:
+    """The frozen instant of a consistency group: one KvmFrozen per member domain, seen
+    as one handle whose disk ids are ``<VM name>/<disk>``."""
+
+    def __init__(self, source: KvmSource, members: list[KvmFrozen], names: list[str]) -> None:
+        self.source = source
+        self.members = dict(zip(names, members, strict=True))
+        disks: list[DiskInfo] = []
+        kinds: dict[DiskId, ChangeKind] = {}
+        reasons: dict[DiskId, str] = {}
+        for name, m in self.members.items():
+            for d in m.handle.disks:
+                gid = f"{name}/{d.id}"
+                disks.append(d.model_copy(update={"id": gid, "name": gid}))
+                kinds[gid] = m.handle.kinds[d.id]
+                if d.id in m.handle.reasons:
+                    reasons[gid] = m.handle.reasons[d.id]
+        first = members[0].handle
+        self.handle = FrozenHandle(
+            platform=first.platform, protection=first.protection, cycle_id=first.cycle_id,
+            instant=max(m.handle.instant for m in members), disks=disks, kinds=kinds,
+            reasons=reasons,
+            data={"group": [{"name": n, "handle": m.handle.model_dump(mode="json")}
+                            for n, m in self.members.items()]},
+        )
+
+    @classmethod
+    def from_handle(cls, source: KvmSource, handle: FrozenHandle) -> KvmGroupFrozen:
+        group = cls(source, [KvmFrozen(source, FrozenHandle.model_validate(g["handle"]))
+                             for g in handle.data["group"]],
+                    [g["name"] for g in handle.data["group"]])
+        group.handle = handle  # keeps what the caller changed (a disk turned RESYNC)
+        return group
+
+    def _member(self, disk: DiskId) -> tuple[KvmFrozen, str]:
+        name, _, inner = disk.partition("/")
+        member = self.members.get(name)
+        if member is None or not inner:
+            raise PermanentError(f"disk {disk!r} is not part of this group's frozen instant")
+        # the group handle's kind is the one that counts (the cycle may have changed it)
+        member.handle.kinds[inner] = self.handle.kinds[disk]
+        if disk in self.handle.reasons:
+            member.handle.reasons[inner] = self.handle.reasons[disk]
+        return member, inner
+
+    def changes(self, disk: DiskId) -> ChangeSet:
+        member, inner = self._member(disk)
+        cs = member.changes(inner)
+        cs.summary = cs.summary.model_copy(update={"disk": disk})
+        return cs
+
+    def export(self, disk: DiskId) -> NbdEndpoint:
+        member, inner = self._member(disk)
+        return member.export(inner)
+
+    def new_checkpoints(self) -> list[Checkpoint]:
+        return [cp.model_copy(update={"disk": f"{name}/{cp.disk}"})
+                for name, m in self.members.items() for cp in m.new_checkpoints()]
+
+    def release(self, committed: bool) -> None:
+        errors = []
+        for name, m in self.members.items():
+            try:
+                m.release(committed)
+            except ConnectorError as e:
+                errors.append(f"{name}: {e}")
+        if errors:
+            raise ConnectorError("releasing the group freeze failed: " + "; ".join(errors))

@@ -410,13 +410,19 @@ def wait_for_console(
 
 @contextlib.contextmanager
 def traversable(path: Path) -> Iterator[None]:
-    """Let the unprivileged qemu user reach ``path`` (pytest's tmp dirs are 0700)."""
+    """Let the unprivileged qemu user reach ``path`` (pytest's tmp dirs are 0700).
+
+    Only ``path`` itself gets its mode back afterwards. Its parents (pytest's base
+    directories) keep search permission: they are shared with tests of other pytest
+    sessions running at the same time, whose VMs would lose access if one test put
+    0700 back; search-only permission lets nobody list them."""
     changed = []
     for p in [path, *path.parents]:
         mode = stat.S_IMODE(p.stat().st_mode)
         if not mode & stat.S_IXOTH:
             os.chmod(p, mode | stat.S_IXOTH)
-            changed.append((p, mode))
+            if p == path:
+                changed.append((p, mode))
     try:
         yield
     finally:
