@@ -27,6 +27,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError
 
 with workflow.unsafe.imports_passed_through():
+    from transcend.alerts import Alert
     from transcend.api import (
         CONTROL_TASK_QUEUE,
         CYCLE_WORKFLOW,
@@ -59,6 +60,7 @@ with workflow.unsafe.imports_passed_through():
     from transcend.config import site_task_queue
     from transcend.models import Instance, ProtectionState, RecoveryPoint
     from workflows.cycle import HEARTBEAT, NON_RETRYABLE, SHORT, STREAM, _cause
+    from workflows.notify import AlertQueue
 
 S = ProtectionState
 WRONG_STATE = [*NON_RETRYABLE, "WrongState"]
@@ -86,9 +88,44 @@ async def _tell_replication(protection: str, state: ProtectionState, reason: str
         workflow.logger.warning("replication workflow of %s not running", protection)
 
 
+ALERT_GRACE = timedelta(minutes=1)  # alerts still retried when the operation ends
+
+
+def _alert(queue: AlertQueue, kind: str, protection: str, severity: str, message: str,
+           details: dict[str, Any]) -> None:
+    queue.put(Alert.model_validate({
+        "kind": kind, "protection": protection, "severity": severity, "message": message,
+        "at": workflow.now(), "details": details}))
+
+
 class _Failover:
     def __init__(self) -> None:
         self._status = FailoverStatus(protection="")
+        self._alerts = AlertQueue()
+
+    async def _run_alerted(self, inp: FailoverInput) -> FailoverStatus:
+        """``_run`` with alerts when it starts (after the checks) and when it ends."""
+        what = "migration" if inp.planned else "failover"
+        try:
+            st = await self._run(inp)
+        except Exception:
+            st = self._status
+            if st.phase != "checking":  # a refused request is the caller's answer, no alert
+                _alert(self._alerts, "failover_finished", inp.protection, "critical",
+                       f"{what} of {inp.protection!r} failed: {st.error}. "
+                       + ("It was undone; production still runs at the source."
+                          if st.phase == "failed" and st.instance is None else
+                          "Production runs at the target; check the VM and its health check."),
+                       st.model_dump(mode="json"))
+            await self._alerts.drained(timeout=ALERT_GRACE)
+            raise
+        vm = st.instance.name if st.instance else "?"
+        _alert(self._alerts, "failover_finished", inp.protection, "info",
+               f"{what} of {inp.protection!r} finished: production runs as {vm} from point "
+               f"{st.point_id}, RTO {st.rto_seconds:.0f}s. Fail back with "
+               f"`transcend failback {inp.protection}`.", st.model_dump(mode="json"))
+        await self._alerts.drained(timeout=ALERT_GRACE)
+        return st
 
     async def _run(self, inp: FailoverInput) -> FailoverStatus:
         st = self._status
@@ -99,7 +136,12 @@ class _Failover:
             "failover.check", inp, result_type=FailoverPlan, task_queue=CONTROL_TASK_QUEUE,
             **CHECK)
         what = "migration" if inp.planned else "failover"
+        st.phase = "pausing"
         await _tell_replication(p, S.FAILING_OVER, f"{what} running ({workflow.info().workflow_id})")
+        _alert(self._alerts, "failover_started", p, "warning",
+               f"{what} of {p!r} to {plan.target.name} started "
+               f"({workflow.info().workflow_id}); replication is stopped meanwhile.",
+               {"workflow_id": workflow.info().workflow_id, "planned": inp.planned})
         source_q = site_task_queue(plan.source.site)
         target_q = site_task_queue(plan.target.site)
         power = SourcePower(platform=plan.source.name, vm=plan.workload.ref.id,
@@ -213,7 +255,7 @@ class FailoverWorkflow(_Failover):
 
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverStatus:
-        return await self._run(inp.model_copy(update={"planned": False}))
+        return await self._run_alerted(inp.model_copy(update={"planned": False}))
 
 
 @workflow.defn(name=MIGRATION_WORKFLOW)
@@ -224,7 +266,7 @@ class MigrationWorkflow(_Failover):
 
     @workflow.run
     async def run(self, inp: FailoverInput) -> FailoverStatus:
-        return await self._run(inp.model_copy(update={"planned": True, "final_cycle": True,
+        return await self._run_alerted(inp.model_copy(update={"planned": True, "final_cycle": True,
                                                       "shutdown_source": True,
                                                       "point_id": None}))
 
@@ -234,6 +276,7 @@ class FailbackWorkflow:
     def __init__(self) -> None:
         self._status = FailbackStatus(protection="")
         self._migrate = False
+        self._alerts = AlertQueue()
 
     @workflow.query(name="progress")
     def progress(self) -> FailbackStatus:
@@ -246,6 +289,23 @@ class FailbackWorkflow:
 
     @workflow.run
     async def run(self, inp: FailbackInput) -> FailbackStatus:
+        try:
+            st = await self._run(inp)
+        except Exception:
+            if self._status.phase not in ("checking",):
+                _alert(self._alerts, "failback_finished", inp.protection, "critical",
+                       f"failback of {inp.protection!r} failed: {self._status.error}. Production "
+                       "still runs at the target.", self._status.model_dump(mode="json"))
+            await self._alerts.drained(timeout=ALERT_GRACE)
+            raise
+        _alert(self._alerts, "failback_finished", inp.protection, "info",
+               f"failback of {inp.protection!r} finished: "
+               f"{st.bytes_written / 2**20:.1f} MiB written back in {len(st.passes)} pass(es); "
+               "replication resumed.", st.model_dump(mode="json"))
+        await self._alerts.drained(timeout=ALERT_GRACE)
+        return st
+
+    async def _run(self, inp: FailbackInput) -> FailbackStatus:
         st = self._status
         p = st.protection = inp.protection
         record: FailoverRecord = await workflow.execute_activity(

@@ -13,8 +13,8 @@ Deterministic: no I/O, clock or randomness but Temporal's.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeUpdate
@@ -22,6 +22,7 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from temporal import search_attributes as sa
+    from transcend.alerts import Alert
     from transcend.api import (
         CONTROL_TASK_QUEUE,
         REPLICATION_WORKFLOW,
@@ -43,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
     from transcend.config import site_task_queue
     from transcend.models import Health, ProtectionPolicy, ProtectionState, Workload
     from workflows.cycle import SHORT
+    from workflows.notify import AlertQueue
 
 MIN_INTERVAL = 10
 WINDOW = 50  # cycles kept for p95 and cadence
@@ -65,6 +67,55 @@ def schedule_interval(policy: ProtectionPolicy, cycle_seconds: list[float]) -> i
     return max(MIN_INTERVAL, int(policy.rpo_seconds - expected))
 
 
+def health_alert(protection: str, health: Health, reason: str, c: ReplicationCarry,
+                 rpo_target: int, now: datetime) -> Alert | None:
+    """The alert a change of health calls for, once per transition: ``c.alerted`` (updated
+    here) remembers the problem last alerted, so a protection that stays in breach cycle
+    after cycle is alerted once, and its recovery once.
+
+    A pause (the operator's own doing), a DR operation (those workflows send their own
+    alerts) and one or two failed cycles (FAILED_AFTER is what "repeatedly" means) raise
+    no alert and clear none.
+    """
+    if health == Health.FAILED:
+        problem: Literal["rpo_breached", "cycle_failing"] | None = "cycle_failing"
+    elif health == Health.HEALTHY:
+        problem = None
+    elif c.dr_state is None and not c.paused and not c.consecutive_failures:
+        problem = "rpo_breached"  # the warnings left are _evaluate_health's two RPO rules
+    else:
+        return None
+    if problem == c.alerted:
+        return None
+    details = {
+        "health": health.value, "reason": reason, "rpo_target_seconds": rpo_target,
+        "rpo_last_seconds": c.recent_rpo[-1] if c.recent_rpo else None,
+        "last_point_id": c.last_point_id,
+        "last_point_instant": c.last_point_instant.isoformat() if c.last_point_instant else None,
+        "consecutive_failures": c.consecutive_failures, "last_error": c.last_error,
+    }
+    if problem == "rpo_breached":
+        alert = Alert(
+            kind="rpo_breached", protection=protection, severity="warning", at=now, details=details,
+            message=f"Protection {protection!r} is not meeting its RPO target of {rpo_target}s "
+                    f"({reason}). Run `transcend status {protection}`: if cycles run but take too "
+                    "long, raise the RPO or the bandwidth limit, or use continuous mode; if none "
+                    "runs, check that a worker is up.")
+    elif problem == "cycle_failing":
+        alert = Alert(
+            kind="cycle_failing", protection=protection, severity="critical", at=now,
+            details=details, message=f"Replication of {protection!r} is failing: {reason}. "
+                                     "The worker log has each cycle's error.")
+    else:
+        alert = Alert(
+            kind="health_recovered", protection=protection, severity="info", at=now,
+            details={**details, "recovered_from": c.alerted},
+            message=f"Protection {protection!r} is healthy again ({reason}) after "
+                    f"{c.alerted}; no action needed.")
+    c.alerted = problem
+    return alert
+
+
 @workflow.defn(name=REPLICATION_WORKFLOW)
 class ReplicationWorkflow:
     def __init__(self) -> None:
@@ -79,6 +130,7 @@ class ReplicationWorkflow:
         self._health = Health.HEALTHY
         self._health_reason = "no cycle yet"
         self._dr_signals: list[DrStateSignal] = []
+        self._alerts = AlertQueue()
 
     # ------------------------------------------------------------------ run
 
@@ -87,6 +139,9 @@ class ReplicationWorkflow:
         self._protection = inp.protection
         if inp.carry is not None:
             self._carry = inp.carry
+            for alert in self._carry.pending_alerts:  # the previous run had not sent them
+                self._alerts.put(alert)
+            self._carry.pending_alerts = []
         if inp.spec is not None and inp.carry is None:
             if inp.spec.name != inp.protection:
                 raise ApplicationError(
@@ -132,9 +187,12 @@ class ReplicationWorkflow:
                     task_queue=CONTROL_TASK_QUEUE, **SHORT
                 )
                 self._upsert_attributes()
+                # Alerts still being retried get a minute more; then the run ends without them.
+                await self._alerts.drained(timeout=timedelta(minutes=1))
                 break
             if self._should_continue():
                 await workflow.wait_condition(workflow.all_handlers_finished)
+                self._carry.pending_alerts = self._alerts.pending()
                 workflow.continue_as_new(
                     ReplicationInput(protection=self._protection, carry=self._carry)
                 )
@@ -304,6 +362,9 @@ class ReplicationWorkflow:
             self._health, self._health_reason = Health.HEALTHY, "waiting for the first point"
         else:
             self._health, self._health_reason = Health.HEALTHY, "within RPO"
+        alert = health_alert(self._protection, self._health, self._health_reason, c, target, now)
+        if alert is not None:
+            self._alerts.put(alert)  # sent in the background: a dead receiver delays nothing
 
     def _upsert_attributes(self) -> None:
         assert self._view is not None
