@@ -23,6 +23,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.alerts import AlertActivities
 from activities.context import ActivityContext
 from activities.cycle import CycleActivities
 from activities.dr import DrActivities
@@ -33,9 +34,10 @@ from transcend.api import CONTROL_TASK_QUEUE
 from transcend.catalog import Catalog
 from transcend.client import connect
 from transcend.config import Settings, load_settings
+from transcend.telemetry import setup_telemetry
 from workflows.cycle import CycleWorkflow
 from workflows.dr import FailbackWorkflow, FailoverWorkflow, MigrationWorkflow
-from workflows.failover import TestFailoverWorkflow
+from workflows.failover import RecoverVmWorkflow, TestFailoverWorkflow
 from workflows.points import BootPointWorkflow, VerifyPointWorkflow
 from workflows.replication import ReplicationWorkflow
 
@@ -43,13 +45,14 @@ log = logging.getLogger("transcend.worker")
 
 WORKFLOWS: list[type] = [
     ReplicationWorkflow, CycleWorkflow, VerifyPointWorkflow, BootPointWorkflow, TestFailoverWorkflow,
-    FailoverWorkflow, MigrationWorkflow, FailbackWorkflow,
+    FailoverWorkflow, MigrationWorkflow, FailbackWorkflow, RecoverVmWorkflow,
 ]
 
 
 def activities(ctx: ActivityContext) -> list[Any]:
     cycle, protection, points = CycleActivities(ctx), ProtectionActivities(ctx), PointActivities(ctx)
     failover, dr = FailoverActivities(ctx), DrActivities(ctx)
+    alerts = AlertActivities(ctx)
     return [
         cycle.start, cycle.prepare, cycle.freeze, cycle.begin, cycle.abort, cycle.stream,
         cycle.verify_sample, cycle.commit, cycle.release, cycle.retention, cycle.record,
@@ -59,10 +62,11 @@ def activities(ctx: ActivityContext) -> list[Any]:
         protection.ensure_schedule, protection.trigger_schedule, protection.pause_schedule,
         protection.delete_schedule,
         points.point_target, points.verify, points.boot,
-        failover.choose_point, failover.health, failover.destroy,
+        failover.choose_point, failover.tiers, failover.health, failover.destroy,
         dr.check, dr.abort, dr.wait_idle, dr.power_off, dr.power_on, dr.boot,
         dr.failback_check, dr.failback_abort, dr.failback_sync, dr.failback_verify,
         dr.failback_finish,
+        alerts.send,
     ]
 
 
@@ -86,7 +90,13 @@ def build_workers(client: Client, s: Settings, *, control: bool = True) -> list[
 
 
 async def run(s: Settings, *, control: bool = True) -> None:
-    client = await connect(s)
+    # Telemetry before the client: the SDK's metrics come from the Runtime it connects with.
+    tel = (setup_telemetry(s, metrics_port=s.metrics_port or None)
+           if s.metrics_port or s.otlp_endpoint else None)
+    client = await connect(s, runtime=tel.runtime if tel else None,
+                           interceptors=tel.interceptors() if tel else ())
+    if tel:
+        await tel.start()
     workers = build_workers(client, s, control=control)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -103,6 +113,8 @@ async def run(s: Settings, *, control: bool = True) -> None:
             raise t.exception()  # type: ignore[misc]
     log.info("shutting down gracefully")
     await asyncio.gather(*(w.shutdown() for w in workers))
+    if tel:
+        await tel.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,12 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", help="TOML settings file (default $TRANSCEND_CONFIG)")
     ap.add_argument("--site", help="site name (default $TRANSCEND_SITE or 'local')")
     ap.add_argument("--no-control", action="store_true", help="do not run workflows")
+    ap.add_argument("--metrics-port", type=int,
+                    help="serve Prometheus metrics on this port (default $TRANSCEND_METRICS_PORT; off)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = load_settings(args.config)
     if args.site:
         s = s.model_copy(update={"site": args.site})
+    if args.metrics_port is not None:
+        s = s.model_copy(update={"metrics_port": args.metrics_port})
     asyncio.run(run(s, control=not args.no_control))
 
 

@@ -56,7 +56,9 @@ from transcend.models import (
     ProtectionState,
     RecoveryPoint,
     StagingHandle,
+    replica_disks,
 )
+from transcend.telemetry import record_cycle, record_queue_lag, record_stream
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class CycleActivities:
 
     @activity.defn(name="cycle.start")
     async def start(self, inp: CycleInput) -> CycleContext:
+        record_queue_lag(activity.info())
         return await in_thread(self._start, inp)
 
     def _start(self, inp: CycleInput) -> CycleContext:
@@ -141,7 +144,7 @@ class CycleActivities:
         def run() -> None:
             with permanent():
                 target = self.ctx.target(ctx.target.name)
-                target.prepare(ctx.protection, [d for w in ctx.workloads for d in w.disks])
+                target.prepare(ctx.protection, replica_disks(ctx.workloads))
 
         await in_thread(run)
 
@@ -198,6 +201,7 @@ class CycleActivities:
     @activity.defn(name="stream.disk")
     async def stream(self, inp: StreamInput) -> StreamResult:
         info = activity.info()
+        record_queue_lag(info)
         resume_from = 0
         if info.heartbeat_details:
             details = info.heartbeat_details[0]
@@ -235,6 +239,8 @@ class CycleActivities:
                 f"copying disk {inp.disk} failed at {e}", type="StreamError"
             ) from e
         await asyncio.to_thread(_write_atomic, mpath, bytes(manifest))
+        record_stream(inp.ctx.protection, inp.disk, changes.summary.kind, final.bytes_written,
+                      time.monotonic() - started)
         return StreamResult(
             disk=inp.disk,
             kind=changes.summary.kind,
@@ -459,6 +465,7 @@ class CycleActivities:
             error=o.error,
         )
         await in_thread(self.ctx.catalog.record_cycle, rec)
+        record_cycle(inp.ctx.protection, rec.status, o.wall_seconds, o.rpo_seconds)
 
     @activity.defn(name="protection.state")
     async def protection_state(self, protection: str) -> ProtectionState:

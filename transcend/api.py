@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from transcend.alerts import Alert
 from transcend.models import (
     ChangeKind,
     ChangeSummary,
@@ -37,6 +38,7 @@ CYCLE_WORKFLOW = "Cycle"
 VERIFY_WORKFLOW = "VerifyPoint"
 BOOT_WORKFLOW = "BootPoint"
 TEST_FAILOVER_WORKFLOW = "TestFailover"
+RECOVER_VM_WORKFLOW = "RecoverVm"
 FAILOVER_WORKFLOW = "Failover"
 MIGRATION_WORKFLOW = "Migration"
 FAILBACK_WORKFLOW = "Failback"
@@ -104,10 +106,21 @@ class HealthCheck(Model):
         return self
 
 
+class BootTier(Model):
+    """VMs of a consistency group booted together; the next tier starts once all of
+    them passed their health check, and ``delay_seconds`` more."""
+
+    vms: list[str] = Field(min_length=1)
+    delay_seconds: int = Field(default=0, ge=0, le=3600)
+    health: HealthCheck | None = Field(default=None, description="default: the operation's")
+
+
 class TestFailoverInput(Model):
     protection: str
     point_id: str | None = Field(default=None, description="default: the newest point")
     health: HealthCheck = Field(default_factory=lambda: HealthCheck(kind="none"))
+    boot_order: list[BootTier] = Field(default_factory=list, description="groups: the tiers; "
+                                       "default one tier per VM in the protection's order")
     keep_seconds: int = Field(default=4 * 3600, ge=0, le=30 * 86400,
                               description="clean up by itself after this long (0: at once)")
     network: str = Field(default="", description="target network; empty: isolated")
@@ -126,11 +139,32 @@ class TestFailoverReport(Model):
     error: str = ""
 
 
+class RecoverVmInput(Model):
+    """One VM of a point booted and health-checked (a child workflow of a test failover)."""
+
+    point_id: str
+    vm: str = Field(description="the workload's name in the protection")
+    name: str
+    network: str = ""
+    isolated: bool = True
+    health: HealthCheck
+    target_queue: str
+
+
+class RecoveredVm(Model):
+    vm: str
+    instance: Instance
+    booted_at: datetime
+    healthy_at: datetime
+
+
 class TestFailoverStatus(Model):
     protection: str
     phase: Literal["choosing", "booting", "health-check", "running", "cleaning", "done", "failed"]
     point_id: str | None = None
     instance: Instance | None = None
+    vms: list[RecoveredVm] = Field(default_factory=list, description="in boot order")
+    tier: int = 0
     started_at: datetime | None = None
     rto_seconds: float | None = None
     error: str = ""
@@ -188,6 +222,10 @@ class ReplicationCarry(Model):
     dr_state: ProtectionState | None = Field(default=None, description="failing over, failed "
                                              "over or failing back; None when protecting")
     dr_reason: str = ""
+    alerted: Literal["rpo_breached", "cycle_failing"] | None = Field(
+        default=None, description="the health problem last alerted; health_recovered clears it")
+    pending_alerts: list[Alert] = Field(default_factory=list, description="not yet delivered "
+                                        "when the run continued as new; the next run sends them")
 
 
 class ReplicationStatus(Model):
@@ -348,6 +386,7 @@ class BootInput(Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     network: str = ""
     isolated: bool = True
+    vm: str = Field(default="", description="which VM of a group point (default the first)")
 
 
 class BootResult(Model):

@@ -3,9 +3,11 @@ the encrypting payload codec always, TLS/mTLS when configured."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from temporalio.client import Client, TLSConfig
+from temporalio.client import Client, Interceptor, TLSConfig
+from temporalio.runtime import Runtime
 
 from transcend.codec import data_converter, load_or_create_keys
 from transcend.config import Settings, settings
@@ -25,7 +27,13 @@ def tls_config(s: Settings) -> TLSConfig | bool:
     )
 
 
-async def connect(s: Settings | None = None) -> Client:
+async def connect(
+    s: Settings | None = None,
+    *,
+    runtime: Runtime | None = None,
+    interceptors: Sequence[Interceptor] = (),
+) -> Client:
+    """``runtime`` and ``interceptors``: the worker's telemetry (transcend/telemetry.py)."""
     s = s or settings()
     try:
         return await Client.connect(
@@ -33,6 +41,8 @@ async def connect(s: Settings | None = None) -> Client:
             namespace=s.temporal_namespace,
             data_converter=data_converter(codec_keys(s)),
             tls=tls_config(s),
+            runtime=runtime,
+            interceptors=interceptors,
         )
     except RuntimeError as e:
         raise RuntimeError(

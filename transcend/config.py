@@ -13,7 +13,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Settings(BaseModel):
@@ -29,6 +29,27 @@ class Settings(BaseModel):
     site: str = "local"
     secret_key_file: str = ""
     codec_key_file: str = ""
+    metrics_port: int = 0  # worker's Prometheus endpoint; 0: off
+    metrics_address: str = "127.0.0.1"
+    otlp_endpoint: str = ""  # OTLP/HTTP collector base URL (http://host:4318); empty: off
+    # Alerts (transcend/alerts.py): webhook URLs that receive every alert as JSON, and
+    # the HMAC-SHA256 key that signs them (empty: unsigned).
+    alert_webhooks: list[str] = Field(default_factory=list)
+    alert_webhook_secret: str = ""
+
+    @field_validator("alert_webhooks", mode="before")
+    @classmethod
+    def _webhook_list(cls, v: object) -> object:
+        """The environment gives one comma-separated string; TOML a list or that string."""
+        if isinstance(v, str):
+            v = [u.strip() for u in v.split(",") if u.strip()]
+        if isinstance(v, list):
+            for url in v:
+                if isinstance(url, str) and not url.startswith(("http://", "https://")):
+                    raise ValueError(
+                        f"alert webhook {url!r} is not an http:// or https:// URL; set "
+                        "alert_webhooks (TRANSCEND_ALERT_WEBHOOKS) to comma-separated URLs")
+        return v
 
     @property
     def effective_catalog_url(self) -> str:
@@ -59,6 +80,11 @@ _ENV = {
     "site": "TRANSCEND_SITE",
     "secret_key_file": "TRANSCEND_SECRET_KEY_FILE",
     "codec_key_file": "TRANSCEND_CODEC_KEY_FILE",
+    "metrics_port": "TRANSCEND_METRICS_PORT",
+    "metrics_address": "TRANSCEND_METRICS_ADDRESS",
+    "otlp_endpoint": "TRANSCEND_OTLP_ENDPOINT",
+    "alert_webhooks": "TRANSCEND_ALERT_WEBHOOKS",
+    "alert_webhook_secret": "TRANSCEND_ALERT_WEBHOOK_SECRET",
 }
 
 
