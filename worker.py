@@ -62,7 +62,7 @@ def activities(ctx: ActivityContext) -> list[Any]:
         protection.ensure_schedule, protection.trigger_schedule, protection.pause_schedule,
         protection.delete_schedule,
         points.point_target, points.verify, points.boot,
-        failover.choose_point, failover.tiers, failover.health, failover.destroy,
+        failover.choose_point, failover.tiers, failover.health, failover.destroy, failover.rto,
         dr.check, dr.abort, dr.wait_idle, dr.power_off, dr.power_on, dr.boot,
         dr.failback_check, dr.failback_abort, dr.failback_sync, dr.failback_verify,
         dr.failback_finish,

@@ -13,8 +13,9 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.context import ActivityContext, in_thread, permanent
-from transcend.api import BootTier, DestroyInput, HealthInput, TestFailoverInput
+from transcend.api import BootTier, DestroyInput, HealthInput, RtoSample, TestFailoverInput
 from transcend.models import ProtectionState, RecoveryPoint
+from transcend.telemetry import record_rto
 
 CONSOLE_POLL_SECONDS = 0.5
 
@@ -73,6 +74,11 @@ class FailoverActivities:
             return inp.boot_order
 
         return await in_thread(run)
+
+    @activity.defn(name="metrics.rto")
+    async def rto(self, sample: RtoSample) -> None:
+        """Workflows measure the RTO; this puts it on the worker's metrics endpoint."""
+        record_rto(sample.protection, sample.seconds)
 
     @activity.defn(name="instance.health")
     async def health(self, inp: HealthInput) -> datetime:

@@ -170,6 +170,13 @@ class TestFailoverStatus(Model):
     error: str = ""
 
 
+class RtoSample(Model):
+    """A measured RTO, for the metrics (``metrics.rto``)."""
+
+    protection: str
+    seconds: float
+
+
 class HealthInput(Model):
     instance: Instance
     health: HealthCheck

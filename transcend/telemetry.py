@@ -355,8 +355,8 @@ def record_cycle(protection: str, status: str, seconds: float, rpo: float | None
 
 
 def record_rto(protection: str, seconds: float) -> None:
-    """A test failover measured this RTO. (Not called yet: the RTO is measured in the
-    TestFailover workflow and no activity sees it.)"""
+    """A test failover or failover measured this RTO (activity ``metrics.rto``, called by
+    the workflows that measure it)."""
     inst = _current
     if inst is None:
         return

@@ -32,6 +32,7 @@ with workflow.unsafe.imports_passed_through():
         ProtectionView,
         ReleaseInput,
         RetentionResult,
+        RtoSample,
         StreamInput,
         StreamResult,
         VerifySampleInput,
@@ -302,6 +303,17 @@ class CycleWorkflow:
             )
         except ApplicationError:
             workflow.logger.warning("replication workflow of %s not running", protection)
+
+
+async def record_rto(protection: str, seconds: float) -> None:
+    """Best effort: a metric never fails the operation that measured it."""
+    try:
+        await workflow.execute_activity(
+            "metrics.rto", RtoSample(protection=protection, seconds=seconds),
+            task_queue=CONTROL_TASK_QUEUE, start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=3))
+    except ActivityError as e:
+        workflow.logger.warning("RTO of %s not recorded as a metric: %s", protection, e)
 
 
 def _kind(changes: list[ChangeSummary]) -> str:

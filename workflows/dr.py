@@ -59,7 +59,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from transcend.config import site_task_queue
     from transcend.models import Instance, ProtectionState, RecoveryPoint
-    from workflows.cycle import HEARTBEAT, NON_RETRYABLE, SHORT, STREAM, _cause
+    from workflows.cycle import HEARTBEAT, NON_RETRYABLE, SHORT, STREAM, _cause, record_rto
     from workflows.notify import AlertQueue
 
 S = ProtectionState
@@ -224,6 +224,7 @@ class _Failover:
                 st.phase = "failed"
                 raise ApplicationError(st.error, type="HealthCheckFailed", non_retryable=True) from e
         st.rto_seconds = (healthy_at - started).total_seconds()
+        await record_rto(p, st.rto_seconds)
         st.phase = "done"
         return st
 

@@ -34,7 +34,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from transcend.config import site_task_queue
     from transcend.models import Instance, PlatformInfo, RecoveryPoint
-    from workflows.cycle import CLEANUP, HEARTBEAT, NON_RETRYABLE, SHORT, _cause
+    from workflows.cycle import CLEANUP, HEARTBEAT, NON_RETRYABLE, SHORT, _cause, record_rto
 
 
 @workflow.defn(name=RECOVER_VM_WORKFLOW)
@@ -113,6 +113,7 @@ class TestFailoverWorkflow:
                     await workflow.sleep(tier.delay_seconds)
             healthy_at = max(v.healthy_at for v in st.vms)
             st.rto_seconds = (healthy_at - started).total_seconds()
+            await record_rto(inp.protection, st.rto_seconds)
             await self._report(TestFailoverReport(
                 point_id=point.id, started_at=started, healthy_at=healthy_at,
                 rto_seconds=st.rto_seconds, ok=True))
