@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything transcend needs on a fresh Debian 12 machine, as root:
-# Debian packages (libnbd, QEMU, libvirt, nbdkit, PostgreSQL for tests), a venv with
+# Debian packages (libnbd, QEMU, libvirt, nbdkit; PostgreSQL and Chromium for tests), a venv with
 # the package and its C extension built, and libvirtd running. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,8 @@ DEBS=(
   gnutls-bin
   # test guest: kernel extracted from its .deb, busybox init, boot loader, filesystems
   busybox-static e2fsprogs cpio zstd syslinux syslinux-common mtools fdisk dosfstools kmod
-  # catalog tests against a real PostgreSQL
-  postgresql
+  # catalog tests against a real PostgreSQL; the SLA report test renders in headless Chromium
+  postgresql chromium
 )
 
 missing=()
