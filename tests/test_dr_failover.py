@@ -193,6 +193,8 @@ async def _migration(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         rs = await wait_for(lambda: status(replication),
                             lambda s: s.state == ProtectionState.FAILED_OVER, 60, "failed_over")
         assert rs.health_reason.startswith("failed_over")
+        memo = await (await replication.describe()).memo_value("summary")
+        assert isinstance(memo, str) and ": failed_over, warning (failed_over:" in memo, memo
         text = await _refused(client, api.FAILOVER_WORKFLOW, api.FailoverInput(protection=p),
                               api.failover_id(p))
         assert "already runs at the target" in text, text

@@ -130,6 +130,7 @@ class ReplicationWorkflow:
         self._health = Health.HEALTHY
         self._health_reason = "no cycle yet"
         self._dr_signals: list[DrStateSignal] = []
+        self._memo = ""
         self._alerts = AlertQueue()
 
     # ------------------------------------------------------------------ run
@@ -385,6 +386,23 @@ class ReplicationWorkflow:
         if c.last_point_instant:
             updates.append(sa.LAST_POINT.value_set(c.last_point_instant))
         workflow.upsert_search_attributes(updates)
+        summary = self._summary()
+        if summary != self._memo:
+            # The line the Temporal UI shows for this workflow (memo "summary").
+            workflow.upsert_memo({"summary": summary})
+            self._memo = summary
+
+    def _summary(self) -> str:
+        assert self._view is not None
+        c = self._carry
+        rpo = f"RPO target {self._view.policy.rpo_seconds}s"
+        if c.recent_rpo:
+            rpo += f", last {c.recent_rpo[-1]:.0f}s"
+        last = (f"last point {c.last_point_instant:%Y-%m-%d %H:%M:%S}Z"
+                if c.last_point_instant else "no point yet")
+        return (f"{self._view.source.name} -> {self._view.target.name}: {self._state().value}, "
+                f"{self._health.value} ({self._health_reason}); {rpo}; {last}; "
+                f"cycles {c.cycles_ok} ok / {c.cycles_failed} failed")
 
     # ------------------------------------------------------------------ operator API
 
