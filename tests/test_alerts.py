@@ -433,5 +433,15 @@ async def _rpo_breach_alert(guest_image: GuestImage, stack: Stack, tmp_path: Pat
                 break
             await asyncio.sleep(0.5)
         assert cat.get_protection("alerts").health == Health.WARNING
+        # The Temporal UI's list view finds it: the visibility query for unhealthy
+        # protections returns exactly this one (visibility lags the workflow a little).
+        query = 'WorkflowType = "Replication" AND TranscendHealth != "healthy"'
+        found: list[str] = []
+        for _ in range(40):
+            found = [w.id async for w in client.list_workflows(query)]
+            if found:
+                break
+            await asyncio.sleep(0.5)
+        assert found == [handle.id], found
 
         await handle.execute_update("pause", result_type=ReplicationStatus)
