@@ -30,6 +30,7 @@ from activities.dr import DrActivities
 from activities.failover import FailoverActivities
 from activities.points import PointActivities
 from activities.protection import ProtectionActivities
+from activities.runbook import run as run_runbook_step
 from transcend.api import CONTROL_TASK_QUEUE
 from transcend.catalog import Catalog
 from transcend.client import connect
@@ -66,7 +67,7 @@ def activities(ctx: ActivityContext) -> list[Any]:
         dr.check, dr.abort, dr.wait_idle, dr.power_off, dr.power_on, dr.boot,
         dr.failback_check, dr.failback_abort, dr.failback_sync, dr.failback_verify,
         dr.failback_finish,
-        alerts.send,
+        alerts.send, run_runbook_step,
     ]
 
 

@@ -211,6 +211,7 @@ class DrActivities:
                     name=inp.name, network=inp.network, isolated=False,
                     workload=rec.workloads[0], production=True,
                     tracking_name=f"transcend.{tracking_protection(inp.protection)}.failover",
+                    network_map=rec.spec.policy.network_map,
                 ))
                 record = FailoverRecord(
                     protection=inp.protection, point_id=point.id, planned=inp.planned,

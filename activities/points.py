@@ -86,10 +86,12 @@ class PointActivities:
                         raise PermanentError(
                             f"protection {rec.name!r} has no VM {inp.vm!r}; its VMs: "
                             f"{', '.join(w.name for w in rec.workloads)}")
+                # A test network of the protection's policy replaces the isolated one.
+                network = inp.network or (rec.spec.policy.test_network if inp.isolated else "")
                 inst = target.boot(
                     point,
-                    BootSpec(name=inp.name, network=inp.network, isolated=inp.isolated,
-                             workload=workload),
+                    BootSpec(name=inp.name, network=network, isolated=inp.isolated,
+                             workload=workload, network_map=rec.spec.policy.network_map),
                 )
             return BootResult(point_id=point.id, instance_id=inst.id, name=inst.name,
                               console_log=inst.console_log)

@@ -277,15 +277,36 @@ async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         assert "nope" in text
         assert cat.get_protection(p).state == ProtectionState.PROTECTING and dom.isActive()
 
+        # A runbook step that fails before the boot stops the failover, which is undone.
+        text = await _refused(
+            client, api.FAILOVER_WORKFLOW,
+            api.FailoverInput(protection=p, final_cycle=False, shutdown_source=False,
+                              name=f"{vm}-dr", runbook=[api.RunbookStep(
+                                  name="check dns", when="before-boot",
+                                  command=["sh", "-c", "echo no dns >&2; exit 7"])]),
+            api.failover_id(p))
+        assert "check dns" in text and "no dns" in text and "exit 7" in text, text
+        assert cat.get_protection(p).state == ProtectionState.PROTECTING and dom.isActive()
+        assert not _active(f"{vm}-dr") and cat.get_dr_record(p) is None
+
         # Disaster: no final cycle. The source keeps writing past the point until the
         # failover powers it off (longer than the failed-over guest will write, so the
         # source's own later records are only undone if failback reads its tracking);
         # the worker dies while the replica boots.
         await asyncio.sleep(30)
+        marker = tmp_path / "pre-boot.txt"
+        runbook = [
+            api.RunbookStep(name="pre", when="before-boot", command=[
+                "sh", "-c", f'echo "$TRANSCEND_OPERATION $TRANSCEND_POINT" > {marker}']),
+            api.RunbookStep(name="post", when="after-boot", continue_on_error=True, command=[
+                "sh", "-c", 'echo "up: $TRANSCEND_VMS"; echo degraded >&2; exit 3']),
+            api.RunbookStep(name="slow", when="after-boot", continue_on_error=True,
+                            timeout_seconds=2, command=["sleep", "60"]),
+        ]
         fo = await client.start_workflow(
             api.FAILOVER_WORKFLOW,
             api.FailoverInput(protection=p, final_cycle=False, name=f"{vm}-dr",
-                              shutdown_timeout_seconds=60),
+                              shutdown_timeout_seconds=60, runbook=runbook),
             id=api.failover_id(p), task_queue=CONTROL_TASK_QUEUE, result_type=api.FailoverStatus)
         await _wait_phase(fo, api.FailoverStatus, {"shutdown-source", "booting"}, 300)
         stack.kill_workers()
@@ -294,6 +315,12 @@ async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         assert done.phase == "done" and done.instance is not None, done
         assert done.point_id == point.id
         assert not dom.isActive()
+        # The runbook ran in order with its output kept; failed steps marked as allowed.
+        assert marker.read_text().split() == ["failover", point.id]
+        assert [(r.name, r.ok, r.exit_code, r.timed_out) for r in done.steps] == [
+            ("pre", True, 0, False), ("post", False, 3, False), ("slow", False, None, True)]
+        assert done.steps[1].stdout.strip() == f"up: {vm}-dr" and "degraded" in done.steps[1].stderr
+        assert 2 <= done.steps[2].seconds < 30
         diverged = check_contiguous(read_records(disk))
         assert diverged > at_point, "the source wrote after the point (what failback must undo)"
         m = wait_for_console(done.instance.console_log, BOOTED, BOOT_TIMEOUT)

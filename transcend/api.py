@@ -106,6 +106,41 @@ class HealthCheck(Model):
         return self
 
 
+class RunbookStep(Model):
+    """A command run by a worker of the target site during a failover, migration or
+    test failover: ``before-boot`` (a failure stops the operation, which is then
+    undone) or ``after-boot`` (after the health checks; a failure is reported). It gets
+    TRANSCEND_PROTECTION, TRANSCEND_OPERATION, TRANSCEND_POINT and TRANSCEND_VMS (the
+    recovered VMs' names, after-boot) in its environment. Steps should be safe to run
+    twice: a worker that dies while one runs makes Temporal run it again."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,62}$")
+    command: list[str] = Field(min_length=1, description="argv; no shell unless you call one")
+    when: Literal["before-boot", "after-boot"] = "after-boot"
+    timeout_seconds: int = Field(default=300, ge=1, le=24 * 3600)
+    continue_on_error: bool = False
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class RunbookInput(Model):
+    step: RunbookStep
+    protection: str
+    operation: str
+    point_id: str = ""
+    vms: list[str] = Field(default_factory=list)
+
+
+class StepResult(Model):
+    name: str
+    when: str
+    ok: bool
+    exit_code: int | None = Field(description="None when it timed out or could not start")
+    timed_out: bool = False
+    seconds: float
+    stdout: str = Field(default="", description="the last 4,000 characters")
+    stderr: str = Field(default="", description="the last 4,000 characters")
+
+
 class BootTier(Model):
     """VMs of a consistency group booted together; the next tier starts once all of
     them passed their health check, and ``delay_seconds`` more."""
@@ -121,6 +156,7 @@ class TestFailoverInput(Model):
     health: HealthCheck = Field(default_factory=lambda: HealthCheck(kind="none"))
     boot_order: list[BootTier] = Field(default_factory=list, description="groups: the tiers; "
                                        "default one tier per VM in the protection's order")
+    runbook: list[RunbookStep] = Field(default_factory=list)
     keep_seconds: int = Field(default=4 * 3600, ge=0, le=30 * 86400,
                               description="clean up by itself after this long (0: at once)")
     network: str = Field(default="", description="target network; empty: isolated")
@@ -160,11 +196,13 @@ class RecoveredVm(Model):
 
 class TestFailoverStatus(Model):
     protection: str
-    phase: Literal["choosing", "booting", "health-check", "running", "cleaning", "done", "failed"]
+    phase: Literal["choosing", "runbook", "booting", "health-check", "running", "cleaning", "done",
+                   "failed"]
     point_id: str | None = None
     instance: Instance | None = None
     vms: list[RecoveredVm] = Field(default_factory=list, description="in boot order")
     tier: int = 0
+    steps: list[StepResult] = Field(default_factory=list, description="runbook steps run")
     started_at: datetime | None = None
     rto_seconds: float | None = None
     error: str = ""
@@ -474,6 +512,7 @@ class FailoverInput(Model):
     network: str = Field(default="", description="production network at the target; default "
                          "the source NICs' networks")
     health: HealthCheck = Field(default_factory=lambda: HealthCheck(kind="none"))
+    runbook: list[RunbookStep] = Field(default_factory=list)
 
 
 class FailoverPlan(Model):
@@ -533,7 +572,7 @@ class FailoverRecord(Model):
 class FailoverStatus(Model):
     protection: str
     planned: bool = False
-    phase: Literal["checking", "pausing", "final-cycle", "shutdown-source", "booting",
+    phase: Literal["checking", "pausing", "final-cycle", "shutdown-source", "runbook", "booting",
                    "health-check", "done", "compensating", "failed"] = "checking"
     point_id: str | None = None
     final_cycle: str = ""
@@ -541,6 +580,7 @@ class FailoverStatus(Model):
     started_at: datetime | None = None
     rto_seconds: float | None = None
     error: str = ""
+    steps: list[StepResult] = Field(default_factory=list, description="runbook steps run")
 
 
 class FailbackInput(Model):

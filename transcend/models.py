@@ -332,6 +332,8 @@ class BootSpec(Model):
     # its first instruction (Instance.tracking), so a failback copies only what changed.
     production: bool = False
     tracking_name: str = ""
+    # Runbook: source network name -> target network name, for NICs not given ``network``.
+    network_map: dict[str, str] = Field(default_factory=dict)
 
 
 class Instance(Model):

@@ -61,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
     from transcend.models import Instance, ProtectionState, RecoveryPoint
     from workflows.cycle import HEARTBEAT, NON_RETRYABLE, SHORT, STREAM, _cause, record_rto
     from workflows.notify import AlertQueue
+    from workflows.runbook import run_steps
 
 S = ProtectionState
 WRONG_STATE = [*NON_RETRYABLE, "WrongState"]
@@ -180,6 +181,13 @@ class _Failover:
                 TestFailoverInput(protection=p, point_id=inp.point_id),
                 result_type=RecoveryPoint, task_queue=CONTROL_TASK_QUEUE, **SHORT)
             st.point_id = point.id
+            if any(step.when == "before-boot" for step in inp.runbook):
+                st.phase = "runbook"
+                stop = await run_steps(inp.runbook, "before-boot", protection=p, operation=what,
+                                       point_id=point.id, vms=[], queue=target_q,
+                                       results=st.steps)
+                if stop:
+                    raise ApplicationError(stop, type="RunbookFailed", non_retryable=True)
             st.phase = "booting"
             instance: Instance = await workflow.execute_activity(
                 "failover.boot",
@@ -225,6 +233,15 @@ class _Failover:
                 raise ApplicationError(st.error, type="HealthCheckFailed", non_retryable=True) from e
         st.rto_seconds = (healthy_at - started).total_seconds()
         await record_rto(p, st.rto_seconds)
+        if any(step.when == "after-boot" for step in inp.runbook):
+            st.phase = "runbook"
+            stop = await run_steps(inp.runbook, "after-boot", protection=p, operation=what,
+                                   point_id=point.id, vms=[instance.name], queue=target_q,
+                                   results=st.steps)
+            if stop:
+                st.error = f"failed over, but {stop}"
+                st.phase = "failed"
+                raise ApplicationError(st.error, type="RunbookFailed", non_retryable=True)
         st.phase = "done"
         return st
 

@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
     from transcend.config import site_task_queue
     from transcend.models import Instance, PlatformInfo, RecoveryPoint
     from workflows.cycle import CLEANUP, HEARTBEAT, NON_RETRYABLE, SHORT, _cause, record_rto
+    from workflows.runbook import run_steps
 
 
 @workflow.defn(name=RECOVER_VM_WORKFLOW)
@@ -105,6 +106,13 @@ class TestFailoverWorkflow:
         group = sum(len(t.vms) for t in tiers) > 1
         names = {vm: f"{base}-{vm}" if group else base for t in tiers for vm in t.vms}
         try:
+            if any(step.when == "before-boot" for step in inp.runbook):
+                st.phase = "runbook"
+                stop = await run_steps(inp.runbook, "before-boot", protection=inp.protection,
+                                       operation="test-failover", point_id=point.id, vms=[],
+                                       queue=target_q, results=st.steps)
+                if stop:
+                    raise ApplicationError(stop, type="RunbookFailed", non_retryable=True)
             st.phase = "booting"
             for i, tier in enumerate(tiers):
                 st.tier = i
@@ -114,6 +122,14 @@ class TestFailoverWorkflow:
             healthy_at = max(v.healthy_at for v in st.vms)
             st.rto_seconds = (healthy_at - started).total_seconds()
             await record_rto(inp.protection, st.rto_seconds)
+            if any(step.when == "after-boot" for step in inp.runbook):
+                st.phase = "runbook"
+                stop = await run_steps(inp.runbook, "after-boot", protection=inp.protection,
+                                       operation="test-failover", point_id=point.id,
+                                       vms=[v.instance.name for v in st.vms], queue=target_q,
+                                       results=st.steps)
+                if stop:
+                    raise ApplicationError(stop, type="RunbookFailed", non_retryable=True)
             await self._report(TestFailoverReport(
                 point_id=point.id, started_at=started, healthy_at=healthy_at,
                 rto_seconds=st.rto_seconds, ok=True))

@@ -546,7 +546,9 @@ class KvmTarget:
             for nic in wl.nics if wl is not None else []:
                 net = network
                 if not spec.isolated and not spec.network and nic.network:
-                    net = nic.network  # not isolated, no network named: keep the source's
+                    # not isolated, no network named: the runbook's mapping of the
+                    # source's network, else the same name
+                    net = spec.network_map.get(nic.network, nic.network)
                 nics.append(dx.BootNic(network=net, mac=nic.mac, model=nic.model))
             for net in sorted({n.network for n in nics}):
                 self._ensure_network(conn, net, create=net == dx.ISOLATED_NETWORK)
