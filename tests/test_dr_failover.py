@@ -74,9 +74,12 @@ async def _wait_phase(handle: WorkflowHandle[Any, Any], status_type: type[Any], 
 
 
 def _active(name: str) -> bool:
+    """Whether the domain exists and runs."""
     conn = libvirt.open("qemu:///system")
     try:
         return bool(conn.lookupByName(name).isActive())
+    except libvirt.libvirtError:
+        return False
     finally:
         conn.close()
 
