@@ -42,23 +42,36 @@ pytestmark = [pytest.mark.guest]
 BOOTED = rf"^{BOOT_MARKER} seq=(\d+)"
 
 
+_event_loop: threading.Thread | None = None
+
+
+def _ensure_event_loop() -> None:
+    """libvirt's default event loop, run by a thread until the process ends. Once it is
+    registered, every later connection of this process (other tests' too) negotiates
+    keepalive, so the loop must never stop: a connection whose keepalives go
+    unanswered is closed by libvirtd ("Cannot write data: Broken pipe")."""
+    global _event_loop
+    if _event_loop is None:
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _event_loop.start()
+
+
 class Lifecycle:
     """Suspend/resume events of some domains, timestamped as they arrive."""
 
     def __init__(self, names: set[str]) -> None:
-        libvirt.virEventRegisterDefaultImpl()
+        _ensure_event_loop()
         self.names = names
         self.events: list[tuple[float, str, int]] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
         self.conn = libvirt.open("qemu:///system")
         self._cb = self.conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
-
-    def _loop(self) -> None:
-        while not self._stop:
-            libvirt.virEventRunDefaultImpl()
 
     def _on_event(self, _conn: object, dom: libvirt.virDomain, event: int, _detail: int,
                   _opaque: object) -> None:
@@ -81,7 +94,6 @@ class Lifecycle:
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.domainEventDeregisterAny(self._cb)
-        self._stop = True
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
 
