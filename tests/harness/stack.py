@@ -102,4 +102,4 @@ def transcend_stack(home: Path, *, workers: int = 1) -> Iterator[Stack]:
         yield stack
     finally:
         stack.kill_workers(signal.SIGTERM)
-        server.stop()
+        stack.server.stop()  # the current one: a test may have restarted it
