@@ -78,8 +78,8 @@ def _kvm(ctx: ActivityContext, platform: str, role: str) -> KvmSource:
     source = ctx.source(platform)
     if not isinstance(source, KvmSource):
         raise PermanentError(
-            f"failback needs KVM on both sides in this version; {role} platform "
-            f"{platform!r} is not KVM")
+            f"the {role} platform {platform!r} is not KVM: powering VMs off and on and "
+            "failing back need KVM in this version")
     return source
 
 
@@ -135,7 +135,7 @@ class DrActivities:
         def run() -> None:
             with permanent():
                 rec = self.ctx.catalog.get_protection(a.protection)
-                source = self.ctx_source(rec.spec.source_platform)
+                source = _kvm(self.ctx, rec.spec.source_platform, "source")
                 source.stop_leftover_paused(rec.workloads[0].ref.id)
                 if a.restart_source:
                     source.power_on(rec.workloads[0].ref.id)
@@ -143,9 +143,6 @@ class DrActivities:
                     self.ctx.catalog.set_protection_state(a.protection, a.previous_state)
 
         await in_thread(run)
-
-    def ctx_source(self, platform: str) -> KvmSource:
-        return _kvm(self.ctx, platform, "source")
 
     @activity.defn(name="schedule.wait_idle")
     async def wait_idle(self, protection: str) -> None:
@@ -175,7 +172,7 @@ class DrActivities:
     async def power_off(self, p: SourcePower) -> bool:
         def run() -> bool:
             with permanent():
-                return self.ctx_source(p.platform).power_off(p.vm, p.timeout_seconds, p.force)
+                return _kvm(self.ctx, p.platform, "VM's").power_off(p.vm, p.timeout_seconds, p.force)
 
         return await in_thread(run)
 
@@ -183,7 +180,7 @@ class DrActivities:
     async def power_on(self, p: SourcePower) -> None:
         def run() -> None:
             with permanent():
-                self.ctx_source(p.platform).power_on(p.vm)
+                _kvm(self.ctx, p.platform, "VM's").power_on(p.vm)
 
         await in_thread(run)
 
@@ -239,8 +236,8 @@ class DrActivities:
                         "(`transcend failover` or `transcend migrate` first)",
                         type="WrongState", non_retryable=True)
                 record = record_of(self.ctx, inp.protection)
-                self.ctx_source(rec.spec.source_platform)
-                self.ctx_source(rec.spec.target_platform)
+                _kvm(self.ctx, rec.spec.source_platform, "source")
+                _kvm(self.ctx, rec.spec.target_platform, "target")
                 cat.transition(inp.protection, [S.FAILED_OVER], S.FAILING_BACK, "fail back")
             return record
 
@@ -251,7 +248,7 @@ class DrActivities:
         def run() -> None:
             with permanent():
                 prot = self.ctx.catalog.get_protection(protection)
-                self.ctx_source(prot.spec.source_platform).stop_leftover_paused(
+                _kvm(self.ctx, prot.spec.source_platform, "source").stop_leftover_paused(
                     prot.workloads[0].ref.id)
                 if prot.state == S.FAILING_BACK:
                     self.ctx.catalog.set_protection_state(protection, S.FAILED_OVER)
@@ -294,8 +291,8 @@ class DrActivities:
         with permanent():
             record = record_of(self.ctx, inp.protection)
             prot = cat.get_protection(inp.protection)
-            original = self.ctx_source(prot.spec.source_platform)
-            failed_over = self.ctx_source(prot.spec.target_platform)
+            original = _kvm(self.ctx, prot.spec.source_platform, "source")
+            failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
             orig_wl = original.workload(prot.workloads[0].ref.id)
             if orig_wl.power_state == "paused" and original.paused_by_us(orig_wl.ref.id):
                 pass  # an attempt that died while reading its tracking; taken over below
@@ -409,8 +406,8 @@ class DrActivities:
             with permanent():
                 record = record_of(self.ctx, protection)
                 prot = self.ctx.catalog.get_protection(protection)
-                original = self.ctx_source(prot.spec.source_platform)
-                failed_over = self.ctx_source(prot.spec.target_platform)
+                original = _kvm(self.ctx, prot.spec.source_platform, "source")
+                failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
                 with open_disks(original, prot.workloads[0].ref.id, readonly=True) as a, \
                         open_disks(failed_over, record.instance.id, readonly=True) as b:
                     diffs = []
@@ -441,7 +438,8 @@ class DrActivities:
                 if not inp.keep_failed_over:
                     self.ctx.target(prot.spec.target_platform).destroy(record.instance)
                 if inp.start_original:
-                    self.ctx_source(prot.spec.source_platform).power_on(prot.workloads[0].ref.id)
+                    _kvm(self.ctx, prot.spec.source_platform, "source").power_on(
+                        prot.workloads[0].ref.id)
                 try:
                     cat.clear_dr_record(inp.protection, state=S.PROTECTING)
                 except CatalogError as e:

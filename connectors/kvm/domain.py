@@ -174,3 +174,9 @@ def isolated_network_xml(name: str = ISOLATED_NETWORK) -> str:
     _sub(net, "name", name)
     _sub(net, "bridge", stp="on", delay="0")
     return ET.tostring(net, encoding="unicode")
+
+
+def domain_disks(root: ET.Element) -> list[ET.Element]:
+    """The ``<disk device='disk'>`` elements of a domain's XML (no CD-ROMs, floppies)."""
+    return [d for d in root.findall("./devices/disk") if d.get("device", "disk") == "disk"]
+

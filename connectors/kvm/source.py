@@ -43,6 +43,7 @@ from connectors.base import (
     NotFound,
     PermanentError,
 )
+from connectors.kvm.domain import domain_disks
 from transcend.models import (
     ChangeKind,
     ChangeSummary,
@@ -77,10 +78,6 @@ def open_libvirt(uri: str) -> libvirt.virConnect:
     return conn
 
 
-def _domain_disks(root: ET.Element) -> list[ET.Element]:
-    return [d for d in root.findall("./devices/disk") if d.get("device", "disk") == "disk"]
-
-
 def _disk_source(disk: ET.Element) -> str:
     src = disk.find("source")
     if src is None:
@@ -92,7 +89,7 @@ def workload_from_domain(platform: str, dom: libvirt.virDomain) -> Workload:
     """Describe a libvirt domain as a Workload (disks, CPUs, memory, firmware, NICs)."""
     root = ET.fromstring(dom.XMLDesc(0))
     disks: list[DiskInfo] = []
-    for d in _domain_disks(root):
+    for d in domain_disks(root):
         target = d.find("target")
         if target is None:
             continue

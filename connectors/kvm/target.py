@@ -667,10 +667,9 @@ class KvmTarget:
                 ET.SubElement(cp, "name").text = spec.tracking_name
                 ET.SubElement(cp, "description").text = "transcend: changes since failover"
                 disks = ET.SubElement(cp, "disks")
-                xml = ET.fromstring(dom.XMLDesc(0))
-                for d in xml.findall("devices/disk"):
+                for d in dx.domain_disks(ET.fromstring(dom.XMLDesc(0))):
                     t = d.find("target")
-                    if d.get("device", "disk") == "disk" and t is not None:
+                    if t is not None:
                         ET.SubElement(disks, "disk", name=t.get("dev", ""), checkpoint="bitmap")
                 dom.checkpointCreateXML(ET.tostring(cp, "unicode"), 0)
             if state == libvirt.VIR_DOMAIN_PAUSED:

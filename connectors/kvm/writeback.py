@@ -24,6 +24,7 @@ from pathlib import Path
 import libvirt
 
 from connectors.base import ConnectorError, PermanentError
+from connectors.kvm.domain import domain_disks
 from connectors.kvm.qemu import NbdExport, run_qemu_img
 from connectors.kvm.source import KvmSource, open_libvirt
 
@@ -36,9 +37,11 @@ class DiskAccess:
     uri: str
 
 
-def _image_format(path: str) -> str:
-    proc = run_qemu_img(["info", "-U", "--output=json", path], what=f"reading {path}")
-    return str(json.loads(proc.stdout).get("format", "raw"))
+def _image_info(path: str) -> tuple[str, int]:
+    """Format and virtual size of an image (``qemu-img info``, shared lock)."""
+    info = json.loads(run_qemu_img(["info", "-U", "--output=json", path],
+                                   what=f"reading {path}").stdout)
+    return str(info.get("format", "raw")), int(info["virtual-size"])
 
 
 def _disks_of(source: KvmSource, ref: str) -> tuple[str, list[tuple[str, str]]]:
@@ -51,9 +54,9 @@ def _disks_of(source: KvmSource, ref: str) -> tuple[str, list[tuple[str, str]]]:
                 "while it is shut off")
         root = ET.fromstring(dom.XMLDesc(0))
         disks = []
-        for d in root.findall("devices/disk"):
+        for d in domain_disks(root):
             target, src = d.find("target"), d.find("source")
-            if d.get("device", "disk") != "disk" or target is None or src is None:
+            if target is None or src is None:
                 continue
             path = src.get("file") or src.get("dev") or ""
             if not path:
@@ -81,17 +84,14 @@ def open_disks(source: KvmSource, ref: str, *, readonly: bool) -> Iterator[list[
         out = []
         for dev, path in disks:
             sock = run / f"{dev}.sock"
+            fmt, size = _image_info(path)
             export = NbdExport(
                 image=path, socket_path=str(sock), pid_file=str(run / f"{dev}.pid"),
-                log_file=str(run / f"{dev}.log"), export_name=dev, readonly=readonly,
-                fmt=_image_format(path),
+                log_file=str(run / f"{dev}.log"), export_name=dev, readonly=readonly, fmt=fmt,
             )
             export.stop()  # one left by a crashed attempt (maybe of the other mode)
             exports.append(export)
             export.start()
-            size = int(json.loads(run_qemu_img(
-                ["info", "-U", "--output=json", path], what=f"reading {path}").stdout
-            )["virtual-size"])
             out.append(DiskAccess(disk=dev, path=path, size=size, uri=export.uri))
         yield out
     finally:
