@@ -184,6 +184,7 @@ class RecoverVmInput(Model):
     network: str = ""
     isolated: bool = True
     health: HealthCheck
+    target_platform: str
     target_queue: str
 
 

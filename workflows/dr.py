@@ -19,7 +19,7 @@ Deterministic: no I/O, clock or randomness but Temporal's.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -48,7 +48,6 @@ with workflow.unsafe.imports_passed_through():
         FailoverPlan,
         FailoverRecord,
         FailoverStatus,
-        HealthInput,
         PauseInput,
         ProductionBoot,
         ProtectionView,
@@ -60,6 +59,7 @@ with workflow.unsafe.imports_passed_through():
     from transcend.config import site_task_queue
     from transcend.models import Instance, ProtectionState, RecoveryPoint
     from workflows.cycle import HEARTBEAT, NON_RETRYABLE, SHORT, STREAM, _cause, record_rto
+    from workflows.failover import wait_healthy
     from workflows.notify import AlertQueue
     from workflows.runbook import run_steps
 
@@ -220,13 +220,7 @@ class _Failover:
         healthy_at = workflow.now()
         if inp.health.kind != "none":
             try:
-                healthy_at = await workflow.execute_activity(
-                    "instance.health", HealthInput(instance=instance, health=inp.health),
-                    result_type=datetime, task_queue=target_q,
-                    start_to_close_timeout=timedelta(seconds=inp.health.timeout_seconds + 60),
-                    heartbeat_timeout=HEARTBEAT,
-                    retry_policy=RetryPolicy(maximum_attempts=5,
-                                             non_retryable_error_types=NON_RETRYABLE))
+                healthy_at = await wait_healthy(instance, inp.health, target_q)
             except ActivityError as e:
                 st.error = f"failed over, but the health check failed: {_cause(e)}"
                 st.phase = "failed"

@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
         BootResult,
         BootTier,
         DestroyInput,
+        HealthCheck,
         HealthInput,
         RecoveredVm,
         RecoverVmInput,
@@ -36,6 +37,18 @@ with workflow.unsafe.imports_passed_through():
     from transcend.models import Instance, PlatformInfo, RecoveryPoint
     from workflows.cycle import CLEANUP, HEARTBEAT, NON_RETRYABLE, SHORT, _cause, record_rto
     from workflows.runbook import run_steps
+
+
+async def wait_healthy(instance: Instance, health: HealthCheck, queue: str) -> datetime:
+    """When ``instance`` passed its health check (``instance.health`` at its site)."""
+    healthy_at: datetime = await workflow.execute_activity(
+        "instance.health", HealthInput(instance=instance, health=health),
+        result_type=datetime, task_queue=queue,
+        start_to_close_timeout=timedelta(seconds=health.timeout_seconds + 60),
+        heartbeat_timeout=HEARTBEAT,
+        retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE),
+    )
+    return healthy_at
 
 
 @workflow.defn(name=RECOVER_VM_WORKFLOW)
@@ -52,19 +65,9 @@ class RecoverVmWorkflow:
             result_type=BootResult, task_queue=inp.target_queue, **SHORT
         )
         booted_at = workflow.now()
-        target: PlatformInfo = await workflow.execute_activity(
-            "point.target", inp.point_id, result_type=PlatformInfo,
-            task_queue=CONTROL_TASK_QUEUE, **SHORT
-        )
-        instance = Instance(platform=target.name, id=boot.instance_id, name=boot.name,
+        instance = Instance(platform=inp.target_platform, id=boot.instance_id, name=boot.name,
                             console_log=boot.console_log)
-        healthy_at: datetime = await workflow.execute_activity(
-            "instance.health", HealthInput(instance=instance, health=inp.health),
-            result_type=datetime, task_queue=inp.target_queue,
-            start_to_close_timeout=timedelta(seconds=inp.health.timeout_seconds + 60),
-            heartbeat_timeout=HEARTBEAT,
-            retry_policy=RetryPolicy(maximum_attempts=5, non_retryable_error_types=NON_RETRYABLE),
-        )
+        healthy_at = await wait_healthy(instance, inp.health, inp.target_queue)
         return RecoveredVm(vm=inp.vm, instance=instance, booted_at=booted_at, healthy_at=healthy_at)
 
 
@@ -116,7 +119,7 @@ class TestFailoverWorkflow:
             st.phase = "booting"
             for i, tier in enumerate(tiers):
                 st.tier = i
-                await self._boot_tier(inp, point, tier, names, target_q)
+                await self._boot_tier(inp, point, tier, names, target, target_q)
                 if tier.delay_seconds:
                     await workflow.sleep(tier.delay_seconds)
             healthy_at = max(v.healthy_at for v in st.vms)
@@ -166,7 +169,7 @@ class TestFailoverWorkflow:
         return st
 
     async def _boot_tier(self, inp: TestFailoverInput, point: RecoveryPoint, tier: BootTier,
-                         names: dict[str, str], target_q: str) -> None:
+                         names: dict[str, str], target: PlatformInfo, target_q: str) -> None:
         """Boot the tier's VMs together (child workflows); all must pass their check."""
         st = self._status
         results = await asyncio.gather(*[
@@ -174,7 +177,7 @@ class TestFailoverWorkflow:
                 RECOVER_VM_WORKFLOW,
                 RecoverVmInput(point_id=point.id, vm=vm, name=names[vm], network=inp.network,
                                isolated=not inp.network, health=tier.health or inp.health,
-                               target_queue=target_q),
+                               target_platform=target.name, target_queue=target_q),
                 id=f"{workflow.info().workflow_id}/{vm}", result_type=RecoveredVm,
             )
             for vm in tier.vms
