@@ -19,13 +19,12 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
@@ -38,16 +37,17 @@ from tests.harness.protect import (
     images_identical,
     point_path,
     protection_spec,
+    source_network,
     start_protection,
     status,
     sync_now,
     verify_point,
     wait_first_point,
     wait_for,
+    wait_phase,
 )
 from tests.harness.records import check_contiguous, read_records
 from tests.harness.stack import Stack
-from tests.test_dr_operations import _source_network
 from transcend import api
 from transcend.api import CONTROL_TASK_QUEUE, HealthCheck, ReplicationStatus
 from transcend.models import ProtectionState
@@ -56,21 +56,6 @@ pytestmark = [pytest.mark.guest]
 
 BOOT_TIMEOUT = 240
 BOOTED = rf"^{BOOT_MARKER} seq=(\d+)"
-
-
-async def _wait_phase(handle: WorkflowHandle[Any, Any], status_type: type[Any], phases: set[str],
-                      timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = await handle.query("progress", result_type=status_type)
-        except Exception:
-            last = None
-        if last is not None and last.phase in phases:
-            return last
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"{handle.id} not in {phases} after {timeout:.0f}s: {last}")
 
 
 def _active(name: str) -> bool:
@@ -120,7 +105,7 @@ async def _failback_exact(client: Client, stack: Stack, protection: str, record:
         api.FailbackInput(protection=protection, start_original=False, keep_failed_over=True),
         id=api.failback_id(protection), task_queue=CONTROL_TASK_QUEUE,
         result_type=api.FailbackStatus)
-    await _wait_phase(fb, api.FailbackStatus, {"syncing", "shutdown-failed-over", "final-sync"}, 300)
+    await wait_phase(fb, api.FailbackStatus, {"syncing", "shutdown-failed-over", "final-sync"}, 300)
     stack.kill_workers()
     stack.start_worker()
     result: api.FailbackStatus = await asyncio.wait_for(fb.result(), 900)
@@ -149,7 +134,7 @@ async def _migration(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
     cat = stack.catalog()
     src, dst = add_kvm_platforms(cat, tmp_path / "replicas")
     client = await stack.client()
-    with _source_network(f"transcend-mig-{os.getpid() % 10000}") as net, \
+    with source_network(f"transcend-mig-{os.getpid() % 10000}") as net, \
             booted_guest(guest_image, tmp_path, vm, network=net) as (dom, disk):
         replication = await start_protection(client, protection_spec(p, vm, src, dst))
         st = await wait_first_point(replication)
@@ -173,7 +158,7 @@ async def _migration(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         with pytest.raises(WorkflowAlreadyStartedError):  # never two at once
             await client.start_workflow(api.FAILOVER_WORKFLOW, api.FailoverInput(protection=p),
                                         id=api.failover_id(p), task_queue=CONTROL_TASK_QUEUE)
-        await _wait_phase(mig, api.FailoverStatus, {"final-cycle", "booting", "health-check"}, 300)
+        await wait_phase(mig, api.FailoverStatus, {"final-cycle", "booting", "health-check"}, 300)
         stack.kill_workers()
         stack.start_worker()
         done: api.FailoverStatus = await asyncio.wait_for(mig.result(), 900)
@@ -265,7 +250,7 @@ async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
     cat = stack.catalog()
     src, dst = add_kvm_platforms(cat, tmp_path / "replicas")
     client = await stack.client()
-    with _source_network(f"transcend-fo-{os.getpid() % 10000}") as net, \
+    with source_network(f"transcend-fo-{os.getpid() % 10000}") as net, \
             booted_guest(guest_image, tmp_path, vm, network=net) as (dom, disk):
         replication = await start_protection(client, protection_spec(p, vm, src, dst))
         await wait_first_point(replication)
@@ -311,7 +296,7 @@ async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
             api.FailoverInput(protection=p, final_cycle=False, name=f"{vm}-dr",
                               shutdown_timeout_seconds=60, runbook=runbook),
             id=api.failover_id(p), task_queue=CONTROL_TASK_QUEUE, result_type=api.FailoverStatus)
-        await _wait_phase(fo, api.FailoverStatus, {"shutdown-source", "booting"}, 300)
+        await wait_phase(fo, api.FailoverStatus, {"shutdown-source", "booting"}, 300)
         stack.kill_workers()
         stack.start_worker()
         done: api.FailoverStatus = await asyncio.wait_for(fo.result(), 900)

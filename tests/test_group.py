@@ -30,10 +30,10 @@ from tests.harness.protect import (
     sync_now,
     verify_point,
     wait_first_point,
+    wait_phase,
 )
 from tests.harness.records import check_contiguous, read_records
 from tests.harness.stack import Stack
-from tests.test_dr_failover import _wait_phase
 from transcend import api
 from transcend.api import CONTROL_TASK_QUEUE, BootTier, HealthCheck
 
@@ -150,7 +150,7 @@ async def _group(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
                                       boot_order=[BootTier(vms=[b]), BootTier(vms=[a])]),
                 id=api.test_failover_id("grp"), task_queue=CONTROL_TASK_QUEUE,
                 result_type=api.TestFailoverStatus)
-            running = await _wait_phase(handle, api.TestFailoverStatus, {"running", "failed"}, 900)
+            running = await wait_phase(handle, api.TestFailoverStatus, {"running", "failed"}, 900)
             assert running.phase == "running", running
             assert [v.vm for v in running.vms] == [b, a]
             first, second = running.vms

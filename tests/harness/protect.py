@@ -10,11 +10,13 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import libvirt
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
+from connectors.kvm.domain import ISOLATED_NETWORK, isolated_network_xml
 from tests.harness.guest import BOOT_MARKER, ERROR_MARKER, GuestImage, make_guest_disk
 from tests.harness.libvirtd import DiskSpec, running_domain, wait_for_console
 from transcend.api import (
@@ -150,3 +152,56 @@ def failure_text(e: BaseException) -> str:
         parts.append(str(cur))
         cur = cur.__cause__ or getattr(cur, "cause", None)
     return " | ".join(parts)
+
+
+S = TypeVar("S")
+
+
+async def wait_phase(handle: WorkflowHandle[Any, Any], status_type: type[S], phases: set[str],
+                     timeout: float) -> S:
+    """Poll an operation's ``progress`` query until its ``phase`` is one of ``phases``."""
+    deadline = time.monotonic() + timeout
+    last: S | None = None
+    while time.monotonic() < deadline:
+        try:
+            last = await handle.query("progress", result_type=status_type)
+        except Exception:
+            last = None  # not started yet, or a worker restarting
+        if last is not None and getattr(last, "phase", None) in phases:
+            return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{handle.id} not in {phases} after {timeout:.0f}s: {last}")
+
+
+def network_users(network: str) -> list[str]:
+    """Names of the libvirt domains with a NIC on ``network``."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        return [d.name() for d in conn.listAllDomains(0)
+                if f"network='{network}'" in d.XMLDesc(0)]
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def source_network(name: str) -> Iterator[str]:
+    """A transient isolated libvirt network for the source guest's NIC, so the recovered
+    VM has a NIC to place on transcend's isolated network. The isolated network must not
+    exist beforehand (left by an earlier run), or the test could not see it created."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        if not network_users(ISOLATED_NETWORK):
+            with contextlib.suppress(libvirt.libvirtError):
+                old = conn.networkLookupByName(ISOLATED_NETWORK)
+                if old.isActive():
+                    old.destroy()
+                old.undefine()
+        net = conn.networkCreateXML(isolated_network_xml(name))
+        try:
+            yield name
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                net.destroy()
+    finally:
+        conn.close()
+
