@@ -83,11 +83,16 @@ def _remove_domain(name: str) -> None:
         conn.close()
 
 
-def _allocated_top(image: Path) -> int:
-    """Bytes allocated in the top layer of a qcow2 (what was written to it)."""
+def _written_top(image: Path) -> int:
+    """Bytes the top layer of a qcow2 holds: data clusters and zero clusters alike.
+
+    Both are writes the guest made (ext4's lazy inode-table init, for one, issues
+    WRITE_ZEROES some time after mount, which qcow2 keeps as zero clusters), and the
+    dirty bitmap tracks both, so both must travel back.
+    """
     out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(image)],
                          capture_output=True, text=True, check=True).stdout
-    return sum(e["length"] for e in json.loads(out) if e.get("depth") == 0 and e.get("data"))
+    return sum(e["length"] for e in json.loads(out) if e.get("depth") == 0)
 
 
 async def _refused(client: Client, workflow: str, inp: Any, wid: str) -> str:
@@ -197,7 +202,7 @@ async def _migration(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         record = api.FailoverRecord.model_validate_json(cat.get_dr_record(p) or "")
         result = await _failback_exact(client, stack, p, record, disk)
         overlay = Path(record.instance.overlays[0])
-        changed = _allocated_top(overlay)  # everything the failed-over guest wrote
+        changed = _written_top(overlay)  # everything the failed-over guest wrote
         fo_bytes = sum(x.failed_over_bytes for x in result.passes)
         written = sum(x.bytes_written + x.bytes_zeroed for x in result.passes)
         # A migration leaves no changes on the source after its final point.
