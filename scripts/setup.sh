@@ -16,6 +16,8 @@ DEBS=(
   busybox-static e2fsprogs cpio zstd syslinux syslinux-common mtools fdisk dosfstools kmod
   # catalog tests against a real PostgreSQL; the SLA report test renders in headless Chromium
   postgresql chromium
+  # vSphere tests: govmomi's vCenter simulator, built from Debian's Go sources (GOPATH mode)
+  golang-go golang-github-vmware-govmomi-dev
 )
 
 missing=()
@@ -36,6 +38,13 @@ fi
 .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import blockstream._blockstream, libvirt, temporalio" \
   || { echo "setup: the package did not build; see the pip output above" >&2; exit 1; }
+
+# /dev/kvm as Debian's udev rule leaves it (root:kvm 0660). Containers without udev
+# have it root-only; libvirt then finds on every domain definition that the KVM it
+# probed is "not available now" and re-probes QEMU's capabilities, ~45 s each time.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm || echo "setup: could not give /dev/kvm to group kvm" >&2
+fi
 
 # libvirtd without systemd (containers, CI): start the daemons ourselves.
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
