@@ -24,6 +24,9 @@ STATE = SearchAttributeKey.for_keyword("TranscendState")
 RPO_TARGET = SearchAttributeKey.for_int("TranscendRpoTargetSeconds")
 RPO_ACHIEVED = SearchAttributeKey.for_int("TranscendRpoAchievedSeconds")
 LAST_POINT = SearchAttributeKey.for_datetime("TranscendLastPointTime")
+#: When the next successful test failover is due (policy test_failover_every_seconds);
+#: ``TranscendTestFailoverDue < "<now>"`` lists the protections whose drill is overdue.
+TEST_FAILOVER_DUE = SearchAttributeKey.for_datetime("TranscendTestFailoverDue")
 
 ALL: list[SearchAttributeKey[Any]] = [
     PROTECTION,
@@ -37,6 +40,7 @@ ALL: list[SearchAttributeKey[Any]] = [
     RPO_TARGET,
     RPO_ACHIEVED,
     LAST_POINT,
+    TEST_FAILOVER_DUE,
 ]
 
 _CLI_TYPES = {"KEYWORD": "Keyword", "INT": "Int", "DATETIME": "Datetime"}

@@ -43,11 +43,12 @@ from tests.harness.protect import (
 from tests.harness.stack import Stack
 from transcend import alerts as alerts_module
 from transcend.alerts import Alert, Notifier, NotifierError, WebhookNotifier, notifiers_from_settings
-from transcend.api import ReplicationCarry, ReplicationStatus
+from transcend.api import ReplicationCarry, ReplicationStatus, TestFailoverReport
 from transcend.catalog import Catalog
 from transcend.config import Settings, load_settings
-from transcend.models import Health, ProtectionState
-from workflows.replication import FAILED_AFTER, health_alert
+from transcend.models import Health, ProtectionPolicy, ProtectionState
+from workflows.replication import FAILED_AFTER, drill_alert, health_alert
+from workflows.replication import test_failover_due as drill_due
 
 SECRET = "correct horse battery staple"
 
@@ -341,6 +342,50 @@ def test_health_alert_payload_says_what_to_do() -> None:
                                                                           "rpo_breached")
 
 
+def test_drill_alert_once_per_due_time_and_a_failed_test_does_not_count() -> None:
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    policy = ProtectionPolicy(rpo_seconds=60, test_failover_every_seconds=7 * 86400)
+    c = ReplicationCarry(protected_since=start)
+    assert drill_due(ProtectionPolicy(rpo_seconds=60), c) is None  # no cadence, never due
+    due = start + timedelta(days=7)
+    assert drill_due(policy, c) == due
+    assert drill_alert("db", policy, c, due - timedelta(seconds=1)) is None
+    first = drill_alert("db", policy, c, due)
+    assert first is not None and (first.kind, first.severity) == ("test_failover_overdue", "warning")
+    assert first.details["due_at"] == due.isoformat() and first.details["last_test_failover_at"] is None
+    assert "transcend test-failover db" in first.message
+    assert drill_alert("db", policy, c, due + timedelta(hours=1)) is None  # once per due time
+    json.loads(first.model_dump_json())
+
+    # A failed test does not move the due time; a successful one does, from when it was
+    # healthy, and the next overdue is alerted again.
+    failed = TestFailoverReport(point_id="p1", started_at=due + timedelta(hours=2), ok=False,
+                                error="health check timed out")
+    c.test_failovers = [failed]
+    assert drill_due(policy, c) == due
+    assert drill_alert("db", policy, c, due + timedelta(hours=3)) is None
+    healthy_at = due + timedelta(hours=4, minutes=2)
+    c.test_failovers = [failed, TestFailoverReport(point_id="p2", started_at=due + timedelta(hours=4),
+                                                   healthy_at=healthy_at, rto_seconds=120.0, ok=True)]
+    next_due = healthy_at + timedelta(days=7)
+    assert drill_due(policy, c) == next_due
+    assert drill_alert("db", policy, c, next_due - timedelta(minutes=1)) is None
+    # Not while paused or during a DR operation; alerted once that is over.
+    c.paused = True
+    assert drill_alert("db", policy, c, next_due) is None
+    c.paused, c.dr_state = False, ProtectionState.FAILED_OVER
+    assert drill_alert("db", policy, c, next_due) is None
+    c.dr_state = None
+    second = drill_alert("db", policy, c, next_due + timedelta(minutes=5))
+    assert second is not None and second.details["last_successful_rto_seconds"] == 120.0
+    assert second.details["due_at"] == next_due.isoformat()
+
+
+def test_policy_refuses_a_drill_cadence_under_a_minute() -> None:
+    with pytest.raises(ValidationError, match="test_failover_every_seconds"):
+        ProtectionPolicy(rpo_seconds=60, test_failover_every_seconds=30)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -375,8 +420,10 @@ async def _rpo_breach_alert(guest_image: GuestImage, stack: Stack, tmp_path: Pat
         # RPO 10 s, the minimum: the Schedule cannot start cycles more often than every
         # 10 s, so interval + cycle time is always above it; at 1 MiB/s the first, full
         # copy alone takes longer than the RPO.
+        # And a test failover due every minute, which none will meet.
         handle = await start_protection(
-            client, protection_spec("alerts", vm, src, dst, rpo=10, bandwidth=1 << 20))
+            client, protection_spec("alerts", vm, src, dst, rpo=10, bandwidth=1 << 20,
+                                    test_failover_every=60))
         st = await wait_first_point(handle, 300)
         assert st.cycles_failed == 0, f"first cycle failed: {st.last_error}"
 
@@ -387,15 +434,22 @@ async def _rpo_breach_alert(guest_image: GuestImage, stack: Stack, tmp_path: Pat
         requests = receiver.snapshot()
         assert receiver.delivered(), f"no alert delivered; requests {requests}\n{stack.worker_log_tail()}"
 
-        # The first alert failed twice and was delivered by the third attempt: the same
-        # bytes each time, signed with the configured secret.
+        # The first alert failed twice and was delivered by the third attempt (alerts go
+        # out one at a time, in order): the same bytes each time, signed with the
+        # configured secret.
         first = requests[:3]
         assert [r.status for r in first] == [500, 500, 200], [(r.status, r.body) for r in requests]
         assert first[0].body == first[1].body == first[2].body
         for r in first:
             assert r.path == "/hooks/transcend"
             assert r.headers["X-Transcend-Signature"] == expected_signature(r.body)
-        alert = Alert.model_validate_json(first[2].body)
+        while not any(a["kind"] == "rpo_breached" for a in receiver.delivered()) \
+                and loop.time() < deadline:
+            await asyncio.sleep(0.5)
+        rpo_alerts = [r for r in receiver.snapshot()
+                      if r.status == 200 and r.json()["kind"] == "rpo_breached"]
+        assert rpo_alerts, [r.body for r in receiver.snapshot()]
+        alert = Alert.model_validate_json(rpo_alerts[0].body)
         assert alert.kind == "rpo_breached"
         assert alert.protection == "alerts"
         assert alert.severity == "warning"
@@ -422,7 +476,8 @@ async def _rpo_breach_alert(guest_image: GuestImage, stack: Stack, tmp_path: Pat
         assert st.rpo_target_seconds == 10
         assert st.health == Health.WARNING
         assert st.rpo_last_seconds is not None and st.rpo_last_seconds > 10, st
-        delivered = [a["kind"] for a in receiver.delivered() if a["protection"] == "alerts"]
+        delivered = [a["kind"] for a in receiver.delivered() if a["protection"] == "alerts"
+                     and a["kind"] != "test_failover_overdue"]
         assert delivered[0] == "rpo_breached"
         assert set(delivered) <= {"rpo_breached", "health_recovered"}, delivered
         assert all(a != b for a, b in pairwise(delivered)), delivered
@@ -443,5 +498,38 @@ async def _rpo_breach_alert(guest_image: GuestImage, stack: Stack, tmp_path: Pat
                 break
             await asyncio.sleep(0.5)
         assert found == [handle.id], found
+
+        # No test failover ran: a minute after replication started the drill is overdue,
+        # alerted once (not again at each wake-up), and the UI lists it by due time.
+        st = await wait_for(lambda: status(handle), lambda s: s.test_failover_overdue, 120,
+                            "the test failover overdue")
+        assert st.test_failover_due_at is not None and st.last_test_failover is None
+        overdue: list[dict[str, Any]] = []
+        for _ in range(120):
+            overdue = [a for a in receiver.delivered() if a["kind"] == "test_failover_overdue"]
+            if overdue:
+                break
+            await asyncio.sleep(0.5)
+        assert overdue, receiver.delivered()
+        drill = Alert.model_validate(overdue[0])
+        assert (drill.protection, drill.severity) == ("alerts", "warning")
+        assert drill.details["due_at"] == st.test_failover_due_at.isoformat()
+        assert drill.details["test_failover_every_seconds"] == 60
+        assert drill.details["last_test_failover_at"] is None
+        protected_since = st.test_failover_due_at - timedelta(seconds=60)
+        assert started <= protected_since <= drill.at
+        assert "transcend test-failover alerts" in drill.message
+        memo = await (await handle.describe()).memo_value("summary")
+        assert isinstance(memo, str) and "test failover overdue since" in memo, memo
+        query = ('WorkflowType = "Replication" AND TranscendTestFailoverDue < '
+                 f'"{datetime.now(UTC).isoformat()}"')
+        for _ in range(40):
+            found = [w.id async for w in client.list_workflows(query)]
+            if found:
+                break
+            await asyncio.sleep(0.5)
+        assert found == [handle.id], found
+        await asyncio.sleep(12)  # at least one more wake-up (RPO 10 s): still one alert
+        assert [a["kind"] for a in receiver.delivered()].count("test_failover_overdue") == 1
 
         await handle.execute_update("pause", result_type=ReplicationStatus)

@@ -272,6 +272,10 @@ class ReplicationCarry(Model):
         default=None, description="the health problem last alerted; health_recovered clears it")
     pending_alerts: list[Alert] = Field(default_factory=list, description="not yet delivered "
                                         "when the run continued as new; the next run sends them")
+    protected_since: datetime | None = Field(
+        default=None, description="when replication started: test failovers are due from then")
+    drill_alerted_due: datetime | None = Field(
+        default=None, description="the test-failover due time last alerted as overdue (once per due time)")
 
 
 class ReplicationStatus(Model):
@@ -290,6 +294,10 @@ class ReplicationStatus(Model):
     current_cycle: str | None
     last_error: str
     last_test_failover: TestFailoverReport | None = None
+    test_failover_due_at: datetime | None = Field(
+        default=None, description="when the next successful test failover is due (policy "
+                                  "test_failover_every_seconds); None when no cadence is set")
+    test_failover_overdue: bool = False
 
 
 class PolicyChange(Model):

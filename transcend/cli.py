@@ -230,18 +230,21 @@ def workloads(platform_name: str) -> None:
 @click.option("--retention", default="all 4h, hourly 2d, daily 2w", show_default=True)
 @click.option("--continuous", is_flag=True, help="start the next cycle as one commits")
 @click.option("--bandwidth", default=None, help="bytes/s limit, e.g. 100M")
+@click.option("--test-failover-every", "drill", default=None,
+              help="alert when no test failover succeeded for this long, e.g. 30d")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the first point")
 @click.option("--timeout", default=3600, show_default=True)
 @run_async
 async def protect(name: str, source: str, vms: tuple[str, ...], target: str, rpo: str,
-                  retention: str, continuous: bool, bandwidth: str | None, wait: bool,
-                  timeout: int) -> None:
+                  retention: str, continuous: bool, bandwidth: str | None, drill: str | None,
+                  wait: bool, timeout: int) -> None:
     """Protect VMs: register, schedule cycles at the RPO and take the first point."""
     try:
         policy = ProtectionPolicy(
             rpo_seconds=parse_duration(rpo), retention=RetentionPolicy.parse(retention),
             continuous=continuous,
             bandwidth_bytes_per_s=_parse_size(bandwidth) if bandwidth else None,
+            test_failover_every_seconds=parse_duration(drill) if drill else None,
         )
         spec = ProtectionSpec(name=name, source_platform=source, workloads=list(vms),
                               target_platform=target, policy=policy)
@@ -374,6 +377,10 @@ async def status(name: str | None) -> None:
             result = (f"RTO {t.rto_seconds:.1f}s" if t.ok and t.rto_seconds is not None
                       else f"FAILED: {t.error}")
             click.echo(f"  last test failover {_age(t.started_at)} from point {t.point_id}: {result}")
+        if st.test_failover_due_at is not None:
+            when = st.test_failover_due_at.strftime("%Y-%m-%d %H:%M UTC")
+            click.echo(f"  test failover OVERDUE since {when}: run `transcend test-failover {rec.name}`"
+                       if st.test_failover_overdue else f"  next test failover due {when}")
         await _print_progress(client, rec.name)
 
 
@@ -449,8 +456,11 @@ async def resume(name: str) -> None:
 @click.option("--rpo")
 @click.option("--retention")
 @click.option("--continuous/--scheduled", default=None)
+@click.option("--test-failover-every", "drill", default=None,
+              help="test-failover cadence, e.g. 30d; 'off' for none")
 @run_async
-async def policy(name: str, rpo: str | None, retention: str | None, continuous: bool | None) -> None:
+async def policy(name: str, rpo: str | None, retention: str | None, continuous: bool | None,
+                 drill: str | None) -> None:
     """Change a protection's policy (validated before anything changes)."""
     current = _catalog().get_protection(name).spec.policy
     data = current.model_dump()
@@ -461,6 +471,8 @@ async def policy(name: str, rpo: str | None, retention: str | None, continuous: 
             data["retention"] = retention
         if continuous is not None:
             data["continuous"] = continuous
+        if drill:
+            data["test_failover_every_seconds"] = None if drill == "off" else parse_duration(drill)
         new = ProtectionPolicy.model_validate(data)
     except (ValidationError, ValueError) as e:
         fail(str(e))

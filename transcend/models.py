@@ -172,6 +172,10 @@ class ProtectionPolicy(Model):
     connections: int = Field(default=4, ge=1, le=16)
     network_map: dict[str, str] = Field(default_factory=dict)
     test_network: str = ""
+    test_failover_every_seconds: int | None = Field(
+        default=None, ge=60,
+        description="a successful test failover is due this often (a DR drill cadence); when "
+                    "none succeeded for that long the test_failover_overdue alert is sent")
 
     @field_validator("retention", mode="before")
     @classmethod

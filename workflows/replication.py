@@ -116,6 +116,51 @@ def health_alert(protection: str, health: Health, reason: str, c: ReplicationCar
     return alert
 
 
+def test_failover_due(policy: ProtectionPolicy, c: ReplicationCarry) -> datetime | None:
+    """When the next successful test failover is due: the policy's cadence counted from
+    the last successful one (when it became healthy), or from when replication started.
+    A failed test failover proves nothing and does not move the due time."""
+    if policy.test_failover_every_seconds is None:
+        return None
+    ok = [r for r in c.test_failovers if r.ok]
+    since = (ok[-1].healthy_at or ok[-1].started_at) if ok else c.protected_since
+    if since is None:
+        return None
+    return since + timedelta(seconds=policy.test_failover_every_seconds)
+
+
+def drill_alert(protection: str, policy: ProtectionPolicy, c: ReplicationCarry,
+                now: datetime) -> Alert | None:
+    """The test_failover_overdue alert, once per due time (``c.drill_alerted_due``,
+    updated here). Not while paused or during a DR operation: a drill then is neither
+    possible nor the point."""
+    due = test_failover_due(policy, c)
+    if due is None or now < due or c.paused or c.dr_state is not None:
+        return None
+    if c.drill_alerted_due == due:
+        return None
+    c.drill_alerted_due = due
+    last = c.test_failovers[-1] if c.test_failovers else None
+    ok = [r for r in c.test_failovers if r.ok]
+    every = policy.test_failover_every_seconds
+    if ok:
+        when = f"since {ok[-1].started_at:%Y-%m-%d %H:%M}Z"
+    else:
+        when = f"since replication started ({c.protected_since:%Y-%m-%d %H:%M}Z)"
+    return Alert(
+        kind="test_failover_overdue", protection=protection, severity="warning", at=now,
+        message=f"Protection {protection!r} has had no successful test failover {when}; the "
+                f"policy asks for one every {every}s. Run `transcend test-failover {protection}` "
+                "(it boots the newest point on an isolated network and measures the RTO).",
+        details={
+            "due_at": due.isoformat(), "test_failover_every_seconds": every,
+            "last_test_failover_at": last.started_at.isoformat() if last else None,
+            "last_test_failover_ok": last.ok if last else None,
+            "last_test_failover_error": last.error if last else "",
+            "last_successful_rto_seconds": ok[-1].rto_seconds if ok else None,
+        })
+
+
 @workflow.defn(name=REPLICATION_WORKFLOW)
 class ReplicationWorkflow:
     def __init__(self) -> None:
@@ -155,6 +200,8 @@ class ReplicationWorkflow:
                 "protection.view", inp.protection, result_type=ProtectionView,
                 task_queue=CONTROL_TASK_QUEUE, **SHORT
             )
+        if self._carry.protected_since is None:
+            self._carry.protected_since = workflow.now()
         self._evaluate_health()
         self._upsert_attributes()
         if inp.carry is None:
@@ -165,7 +212,7 @@ class ReplicationWorkflow:
                 await workflow.wait_condition(
                     lambda: bool(self._outcomes) or bool(self._dr_signals) or self._removed
                     or self._should_continue(),
-                    timeout=timedelta(seconds=self._view_policy().rpo_seconds),
+                    timeout=self._next_wakeup(),
                 )
             except TimeoutError:
                 # No cycle finished within an RPO: re-evaluate health (a stopped worker or
@@ -198,6 +245,15 @@ class ReplicationWorkflow:
                     ReplicationInput(protection=self._protection, carry=self._carry)
                 )
         return self.status()
+
+    def _next_wakeup(self) -> timedelta:
+        """At least every RPO (health is re-evaluated even when no cycle finishes), and
+        when a test failover falls due."""
+        wait = timedelta(seconds=self._view_policy().rpo_seconds)
+        due = test_failover_due(self._view_policy(), self._carry)
+        if due is not None and due > workflow.now():
+            wait = min(wait, due - workflow.now() + timedelta(seconds=1))
+        return wait
 
     def _should_continue(self) -> bool:
         return self._events >= MAX_EVENTS_PER_RUN or workflow.info().is_continue_as_new_suggested()
@@ -256,6 +312,8 @@ class ReplicationWorkflow:
     def test_failover_finished(self, report: TestFailoverReport) -> None:
         """Kept (the last 20) so the measured RTO of every test is on the protection."""
         self._carry.test_failovers = [*self._carry.test_failovers, report][-20:]
+        if self._view is not None:  # the test-failover due time moved: the UI shows it
+            self._upsert_attributes()
 
     @workflow.signal(name="dr_state")
     def dr_state(self, signal: DrStateSignal) -> None:
@@ -366,6 +424,9 @@ class ReplicationWorkflow:
         alert = health_alert(self._protection, self._health, self._health_reason, c, target, now)
         if alert is not None:
             self._alerts.put(alert)  # sent in the background: a dead receiver delays nothing
+        drill = drill_alert(self._protection, self._view_policy(), c, now)
+        if drill is not None:
+            self._alerts.put(drill)
 
     def _upsert_attributes(self) -> None:
         assert self._view is not None
@@ -385,6 +446,14 @@ class ReplicationWorkflow:
             updates.append(sa.RPO_ACHIEVED.value_set(int(c.recent_rpo[-1])))
         if c.last_point_instant:
             updates.append(sa.LAST_POINT.value_set(c.last_point_instant))
+        # Only protections with a test-failover cadence carry this attribute: a cluster
+        # upgraded without registering it (an unknown attribute fails the workflow task)
+        # keeps replicating everything that does not use the feature.
+        due = test_failover_due(self._view.policy, c)
+        if due is not None:
+            updates.append(sa.TEST_FAILOVER_DUE.value_set(due))
+        elif workflow.info().typed_search_attributes.get(sa.TEST_FAILOVER_DUE) is not None:
+            updates.append(sa.TEST_FAILOVER_DUE.value_unset())
         workflow.upsert_search_attributes(updates)
         summary = self._summary()
         if summary != self._memo:
@@ -400,9 +469,12 @@ class ReplicationWorkflow:
             rpo += f", last {c.recent_rpo[-1]:.0f}s"
         last = (f"last point {c.last_point_instant:%Y-%m-%d %H:%M:%S}Z"
                 if c.last_point_instant else "no point yet")
+        due = test_failover_due(self._view.policy, c)
+        drill = (f"; test failover overdue since {due:%Y-%m-%d %H:%M}Z"
+                 if due is not None and workflow.now() >= due else "")
         return (f"{self._view.source.name} -> {self._view.target.name}: {self._state().value}, "
                 f"{self._health.value} ({self._health_reason}); {rpo}; {last}; "
-                f"cycles {c.cycles_ok} ok / {c.cycles_failed} failed")
+                f"cycles {c.cycles_ok} ok / {c.cycles_failed} failed{drill}")
 
     # ------------------------------------------------------------------ operator API
 
@@ -425,6 +497,7 @@ class ReplicationWorkflow:
     def status(self) -> ReplicationStatus:
         c = self._carry
         policy = self._view.policy if self._view else None
+        due = test_failover_due(policy, c) if policy else None
         return ReplicationStatus(
             protection=self._protection,
             state=self._state(),
@@ -441,6 +514,8 @@ class ReplicationWorkflow:
             current_cycle=self._current_cycle,
             last_error=c.last_error,
             last_test_failover=c.test_failovers[-1] if c.test_failovers else None,
+            test_failover_due_at=due,
+            test_failover_overdue=due is not None and workflow.now() >= due,
         )
 
     @workflow.update(name="pause")

@@ -53,12 +53,14 @@ def add_kvm_platforms(cat: Catalog, replica_root: Path, *, source: str = "kvm-sr
 
 
 def protection_spec(name: str, vm: str, source: str, target: str, *, rpo: int = 3600,
-                    retention: str = "all 1d", bandwidth: int | None = None) -> ProtectionSpec:
+                    retention: str = "all 1d", bandwidth: int | None = None,
+                    test_failover_every: int | None = None) -> ProtectionSpec:
     # A long RPO: the tests drive cycles with sync_now so that they are deterministic.
     return ProtectionSpec(
         name=name, source_platform=source, workloads=[vm], target_platform=target,
         policy=ProtectionPolicy(rpo_seconds=rpo, retention=RetentionPolicy.parse(retention),
-                                bandwidth_bytes_per_s=bandwidth),
+                                bandwidth_bytes_per_s=bandwidth,
+                                test_failover_every_seconds=test_failover_every),
     )
 
 
