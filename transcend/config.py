@@ -63,6 +63,11 @@ class Settings(BaseModel):
     def keys_dir(self) -> Path:
         return self.home / "keys"
 
+    @property
+    def pki_dir(self) -> Path:
+        """The CA and per-site certificates for NBD over TLS (transcend/pki.py)."""
+        return self.home / "pki"
+
 
 def site_task_queue(site: str) -> str:
     """Each site's worker listens on its own queue so activities run next to their data."""
