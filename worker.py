@@ -8,7 +8,9 @@ work. SIGTERM/SIGINT shut down gracefully: running activities get
 ``--grace`` seconds to finish or heartbeat, then Temporal retries them elsewhere.
 
 Configuration: ``$TRANSCEND_CONFIG`` (TOML) and ``TRANSCEND_*`` variables
-(transcend/config.py).
+(transcend/config.py). Connectors that are not built in are loaded as plugins:
+``--plugin MODULE`` (repeatable) and the comma-separated ``TRANSCEND_PLUGINS``
+name modules that call ``connectors.registry.register`` when imported.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from activities.failover import FailoverActivities
 from activities.points import PointActivities
 from activities.protection import ProtectionActivities
 from activities.runbook import run as run_runbook_step
+from connectors.registry import load_plugins, plugin_modules_from_env
 from transcend.api import CONTROL_TASK_QUEUE
 from transcend.catalog import Catalog
 from transcend.client import connect
@@ -125,9 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-control", action="store_true", help="do not run workflows")
     ap.add_argument("--metrics-port", type=int,
                     help="serve Prometheus metrics on this port (default $TRANSCEND_METRICS_PORT; off)")
+    ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                    help="import this connector plugin module (repeatable; also $TRANSCEND_PLUGINS, "
+                         "comma-separated)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    plugins = load_plugins([*plugin_modules_from_env(), *args.plugin])
+    if plugins:
+        log.info("connector plugins loaded: %s", ", ".join(plugins))
     s = load_settings(args.config)
     if args.site:
         s = s.model_copy(update={"site": args.site})

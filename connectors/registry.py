@@ -3,12 +3,106 @@
 Imports are lazy so that a worker at a site without, say, pyvmomi configured
 still starts; asking for a kind that has no connector yet is a PermanentError
 that says so.
+
+Connectors that are not built in (a new platform under development, the
+synthetic connector of the scale benchmark) are *plugins*: a module that calls
+``register(kind, source_factory, target_factory)`` when imported. The worker
+imports them at start (``worker.py --plugin MODULE``, repeatable, and the
+comma-separated ``TRANSCEND_PLUGINS`` variable); any other process that looks a
+connector up (the CLI's ``workloads``) imports the modules named in
+``TRANSCEND_PLUGINS`` the first time it asks for a kind that is not known yet.
+Built-in kinds cannot be replaced by a plugin.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import threading
+from collections.abc import Callable, Iterable
+
 from connectors.base import PermanentError, Source, Target
 from transcend.models import PlatformInfo, PlatformKind
+
+SourceFactory = Callable[[PlatformInfo, dict[str, str]], Source]
+TargetFactory = Callable[[PlatformInfo, dict[str, str]], Target]
+
+#: Kinds implemented in this package; plugins may not register these.
+BUILTIN: frozenset[PlatformKind] = frozenset({PlatformKind.KVM})
+PLUGINS_ENV = "TRANSCEND_PLUGINS"
+
+_sources: dict[PlatformKind, SourceFactory] = {}
+_targets: dict[PlatformKind, TargetFactory] = {}
+_loaded: set[str] = set()
+_lock = threading.Lock()
+_env_loaded = False
+
+
+def register(kind: PlatformKind | str, source_factory: SourceFactory | None = None,
+             target_factory: TargetFactory | None = None) -> None:
+    """Make ``kind`` available as a source and/or a target. A factory is called as
+    ``factory(info, secret)`` for every activity that needs the platform (like the
+    built-in classes). Registering the same factory again is a no-op; another one for a
+    kind already registered, or any for a built-in kind, is a ValueError."""
+    k = PlatformKind(kind)
+    if k in BUILTIN:
+        raise ValueError(f"platform kind {k.value!r} is built in; a plugin cannot replace it")
+    if source_factory is None and target_factory is None:
+        raise ValueError("register() needs a source factory, a target factory or both")
+    with _lock:
+        for table, factory, role in ((_sources, source_factory, "source"),
+                                     (_targets, target_factory, "target")):
+            if factory is None:
+                continue
+            current = table.get(k)
+            if current is not None and current is not factory:
+                raise ValueError(f"a {role} connector for {k.value!r} is already registered "
+                                 f"({getattr(current, '__qualname__', current)!r})")
+        if source_factory is not None:
+            _sources[k] = source_factory
+        if target_factory is not None:
+            _targets[k] = target_factory
+
+
+def unregister(kind: PlatformKind | str) -> None:
+    """Forget a plugin kind (tests)."""
+    k = PlatformKind(kind)
+    with _lock:
+        _sources.pop(k, None)
+        _targets.pop(k, None)
+
+
+def plugin_modules_from_env(value: str | None = None) -> list[str]:
+    """Module names in ``TRANSCEND_PLUGINS`` (comma- or space-separated)."""
+    raw = os.environ.get(PLUGINS_ENV, "") if value is None else value
+    return [m for m in raw.replace(",", " ").split() if m]
+
+
+def load_plugins(modules: Iterable[str]) -> list[str]:
+    """Import each plugin module once (it registers its kinds); returns the names
+    imported now. An import error is raised as a RuntimeError naming the module."""
+    done = []
+    for name in modules:
+        if name in _loaded:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            raise RuntimeError(f"connector plugin {name!r} could not be imported: {e}") from e
+        _loaded.add(name)
+        done.append(name)
+    return done
+
+
+def _ensure_env_plugins() -> None:
+    global _env_loaded
+    if not _env_loaded:
+        _env_loaded = True
+        load_plugins(plugin_modules_from_env())
+
+
+def _supported(table: dict[PlatformKind, SourceFactory] | dict[PlatformKind, TargetFactory]) -> str:
+    return ", ".join(sorted({k.value for k in BUILTIN} | {k.value for k in table}))
 
 
 def source_for(info: PlatformInfo, secret: dict[str, str]) -> Source:
@@ -16,9 +110,14 @@ def source_for(info: PlatformInfo, secret: dict[str, str]) -> Source:
         from connectors.kvm.source import KvmSource
 
         return KvmSource(info, secret)
+    if info.kind not in _sources:
+        _ensure_env_plugins()
+    factory = _sources.get(info.kind)
+    if factory is not None:
+        return factory(info, secret)
     raise PermanentError(
         f"platform {info.name!r} is of kind {info.kind.value!r}, which has no source "
-        "connector in this version (supported as source: kvm)"
+        f"connector in this version (supported as source: {_supported(_sources)})"
     )
 
 
@@ -27,7 +126,12 @@ def target_for(info: PlatformInfo, secret: dict[str, str]) -> Target:
         from connectors.kvm.target import KvmTarget
 
         return KvmTarget(info, secret)
+    if info.kind not in _targets:
+        _ensure_env_plugins()
+    factory = _targets.get(info.kind)
+    if factory is not None:
+        return factory(info, secret)
     raise PermanentError(
         f"platform {info.name!r} is of kind {info.kind.value!r}, which has no target "
-        "connector in this version (supported as target: kvm)"
+        f"connector in this version (supported as target: {_supported(_targets)})"
     )

@@ -35,6 +35,7 @@ class PlatformKind(StrEnum):
     AWS = "aws"
     AZURE = "azure"
     NUTANIX = "nutanix"
+    SYNTHETIC = "synthetic"  # test code only: tests/harness/synthetic.py (a connector plugin)
 
 
 # --------------------------------------------------------------------------- platforms
