@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -63,7 +63,13 @@ HEARTBEAT_SECONDS = 2.0
 
 async def in_thread(fn: Callable[..., T], *args: object) -> T:
     """Run blocking connector or catalog code in a thread while heartbeating."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    return await heartbeating(asyncio.to_thread(fn, *args))
+
+
+async def heartbeating(work: Awaitable[T]) -> T:
+    """Await ``work`` while heartbeating, so a slow but live call (a Temporal RPC on a
+    busy server, a thread) is not mistaken for a dead worker."""
+    task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
         if done:

@@ -4,6 +4,7 @@ Schedule that drives the RPO cadence, and state changes."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from datetime import timedelta
 
 from temporalio import activity
@@ -23,7 +24,7 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.context import ActivityContext, in_thread, permanent
+from activities.context import ActivityContext, heartbeating, in_thread, permanent
 from temporal import search_attributes as sa
 from transcend.api import (
     CONTROL_TASK_QUEUE,
@@ -88,7 +89,7 @@ class ProtectionActivities:
         def run() -> None:
             with permanent():
                 target = self.ctx.target(args.plan.target.name)
-                target.prepare(args.plan.spec.name, replica_disks(args.workloads))
+                target.prepare(args.plan.spec.name, replica_disks(args.workloads), args.workloads)
 
         await in_thread(run)
 
@@ -156,6 +157,11 @@ class ProtectionActivities:
 
     @activity.defn(name="schedule.ensure")
     async def ensure_schedule(self, inp: ScheduleInput) -> None:
+        # Heartbeats: on a busy server (hundreds of protections onboarding) the
+        # create/update RPCs can outlast the heartbeat timeout without being stuck.
+        await heartbeating(self._ensure_schedule(inp))
+
+    async def _ensure_schedule(self, inp: ScheduleInput) -> None:
         client = self._client()
         attrs = TypedSearchAttributes(
             [
@@ -177,7 +183,9 @@ class ProtectionActivities:
         )
         schedule = Schedule(
             action=action,
-            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(seconds=inp.interval_seconds))]),
+            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(
+                every=timedelta(seconds=inp.interval_seconds),
+                offset=timedelta(seconds=schedule_offset(inp.protection, inp.interval_seconds)))]),
             # BUFFER_ONE: a cycle is never started while one runs; one request
             # (a tick or "sync now") waits and runs right after.
             policy=SchedulePolicy(
@@ -227,3 +235,17 @@ class ProtectionActivities:
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:
                 raise
+
+
+def schedule_offset(protection: str, interval_seconds: int) -> int:
+    """Where in each interval the protection's cycles start: a stable spread by name.
+
+    Temporal aligns interval schedules to the Unix epoch, so without an offset every
+    protection with the same RPO would be due in the same second and each tick would
+    be a burst of all of them (bench/bench_scale.py measured it). A hash of the name
+    spreads them evenly and keeps each one's phase across worker restarts and
+    schedule updates (jitter would move it at every tick)."""
+    if interval_seconds <= 1:
+        return 0
+    digest = hashlib.sha256(protection.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % interval_seconds
