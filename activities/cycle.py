@@ -28,7 +28,7 @@ from temporalio.exceptions import ApplicationError
 
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
-from connectors.base import Busy, ChangeSet, PermanentError
+from connectors.base import Busy, ChangeSet, Frozen, PermanentError, Staging
 from transcend import retention as retention_rules
 from transcend.api import (
     AbortInput,
@@ -144,7 +144,7 @@ class CycleActivities:
         def run() -> None:
             with permanent():
                 target = self.ctx.target(ctx.target.name)
-                target.prepare(ctx.protection, replica_disks(ctx.workloads))
+                target.prepare(ctx.protection, replica_disks(ctx.workloads), ctx.workloads)
 
         await in_thread(run)
 
@@ -172,7 +172,10 @@ class CycleActivities:
             if handle.kinds[disk.id] == ChangeKind.FULL and disk.id in last_disks:
                 handle.kinds[disk.id] = ChangeKind.RESYNC
                 handle.reasons[disk.id] = "no source checkpoint for a disk the replica holds"
-        summaries = [frozen.changes(d.id).summary for d in handle.disks]
+        try:
+            summaries = [frozen.changes(d.id).summary for d in handle.disks]
+        finally:
+            frozen.close()
         return FreezeResult(frozen=handle, changes=summaries)
 
     # ------------------------------------------------------------------ staging
@@ -208,7 +211,17 @@ class CycleActivities:
             if isinstance(details, dict):
                 resume_from = int(details.get("durable_offset", 0))
         prepared = await asyncio.to_thread(self._prepare_stream, inp, resume_from)
-        stream, manifest, original, mpath, changes, resume_from = prepared
+        stream, manifest, original, mpath, changes, resume_from, frozen, staging = prepared
+        try:
+            return await self._run_stream(inp, stream, manifest, original, mpath, changes,
+                                          resume_from)
+        finally:
+            # The NBD servers this activity started, if the connectors start them per use.
+            await asyncio.to_thread(_close_all, frozen, staging)
+
+    async def _run_stream(self, inp: StreamInput, stream: blockstream.Stream, manifest: bytearray,
+                          original: bytes, mpath: Path, changes: ChangeSet,
+                          resume_from: int) -> StreamResult:
         started = time.monotonic()
         task = asyncio.create_task(asyncio.to_thread(stream.run))
         saved_at = resume_from
@@ -256,12 +269,21 @@ class CycleActivities:
 
     def _prepare_stream(
         self, inp: StreamInput, resume_from: int
-    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int]:
+    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int, Frozen, Staging]:
         source = self.ctx.source(inp.ctx.source.name)
         frozen = source.reopen(inp.frozen)
+        staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
+        try:
+            return (*self._plan_stream(inp, resume_from, frozen, staging), frozen, staging)
+        except BaseException:
+            _close_all(frozen, staging)
+            raise
+
+    def _plan_stream(
+        self, inp: StreamInput, resume_from: int, frozen: Frozen, staging: Staging
+    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int]:
         changes = frozen.changes(inp.disk)
         src = frozen.export(inp.disk)
-        staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
         dst = staging.endpoint(inp.disk)
         disk_size = src.size
         mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id, inp.disk)
@@ -324,13 +346,17 @@ class CycleActivities:
 
     def _verify_sample(self, inp: VerifySampleInput) -> VerifySampleResult:
         staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
-        ep = staging.endpoint(inp.disk)
-        mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id, inp.disk)
-        expected = mpath.read_bytes()
-        nblocks = len(expected) // blockstream.HASH_SIZE
-        rng = random.Random(inp.seed)
-        picks = sorted(rng.sample(range(nblocks), min(inp.blocks, nblocks)))
-        mismatches = check_blocks(ep.uri, ep.size, expected, picks, inp.block_size)
+        try:
+            ep = staging.endpoint(inp.disk)
+            mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id,
+                                   inp.disk)
+            expected = mpath.read_bytes()
+            nblocks = len(expected) // blockstream.HASH_SIZE
+            rng = random.Random(inp.seed)
+            picks = sorted(rng.sample(range(nblocks), min(inp.blocks, nblocks)))
+            mismatches = check_blocks(ep.uri, ep.size, expected, picks, inp.block_size)
+        finally:
+            staging.close()  # the NBD server endpoint() started, if the target starts one
         return VerifySampleResult(disk=inp.disk, blocks_checked=len(picks), mismatches=mismatches)
 
     # ------------------------------------------------------------------ commit
@@ -527,3 +553,15 @@ def _remove_tree(path: Path) -> None:
 
 
 __all__ = ["CycleActivities", "FrozenHandle", "PermanentError"]
+
+
+def _close_all(*objs: Frozen | Staging) -> None:
+    """Close each, even when one fails (the first error is raised after the rest)."""
+    first: BaseException | None = None
+    for o in objs:
+        try:
+            o.close()
+        except Exception as e:  # each one gets its chance
+            first = first or e
+    if first is not None:
+        raise first

@@ -89,6 +89,11 @@ class Frozen(Protocol):
         """Tokens that become current when this instant's point commits."""
         ...
 
+    def close(self) -> None:
+        """Stop what this object started in this process (NBD servers behind ``export``,
+        API sessions); the frozen instant itself stays until ``release``. Idempotent."""
+        ...
+
 
 @runtime_checkable
 class Source(Protocol):
@@ -133,13 +138,19 @@ class Staging(Protocol):
         """Throw the staged layer away; existing points are untouched."""
         ...
 
+    def close(self) -> None:
+        """Stop what ``endpoint`` started in this process (NBD servers, API sessions);
+        the staged layer stays for ``commit`` or ``abort``. Idempotent."""
+        ...
+
 
 @runtime_checkable
 class Target(Protocol):
     info: PlatformInfo
 
-    def prepare(self, protection: str, disks: list[DiskInfo]) -> None:
-        """Create the replica's home, or grow its disks when the source grew."""
+    def prepare(self, protection: str, disks: list[DiskInfo], workloads: list[Workload]) -> None:
+        """Create the replica's home, or grow its disks when the source grew. ``workloads``
+        describe the source VMs (a platform whose replica is a VM shapes it after them)."""
         ...
 
     def begin(self, protection: str, cycle_id: str, disks: list[DiskInfo],

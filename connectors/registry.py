@@ -28,7 +28,7 @@ SourceFactory = Callable[[PlatformInfo, dict[str, str]], Source]
 TargetFactory = Callable[[PlatformInfo, dict[str, str]], Target]
 
 #: Kinds implemented in this package; plugins may not register these.
-BUILTIN: frozenset[PlatformKind] = frozenset({PlatformKind.KVM})
+BUILTIN: frozenset[PlatformKind] = frozenset({PlatformKind.KVM, PlatformKind.VMWARE})
 PLUGINS_ENV = "TRANSCEND_PLUGINS"
 
 _sources: dict[PlatformKind, SourceFactory] = {}
@@ -101,8 +101,13 @@ def _ensure_env_plugins() -> None:
         load_plugins(plugin_modules_from_env())
 
 
-def _supported(table: dict[PlatformKind, SourceFactory] | dict[PlatformKind, TargetFactory]) -> str:
-    return ", ".join(sorted({k.value for k in BUILTIN} | {k.value for k in table}))
+_BUILTIN_SOURCES = {PlatformKind.KVM.value, PlatformKind.VMWARE.value}
+_BUILTIN_TARGETS = {PlatformKind.KVM.value, PlatformKind.VMWARE.value}
+
+
+def _supported(table: dict[PlatformKind, SourceFactory] | dict[PlatformKind, TargetFactory],
+               builtin: set[str]) -> str:
+    return ", ".join(sorted(builtin | {k.value for k in table}))
 
 
 def source_for(info: PlatformInfo, secret: dict[str, str]) -> Source:
@@ -110,6 +115,10 @@ def source_for(info: PlatformInfo, secret: dict[str, str]) -> Source:
         from connectors.kvm.source import KvmSource
 
         return KvmSource(info, secret)
+    if info.kind == PlatformKind.VMWARE:
+        from connectors.vmware.source import VmwareSource
+
+        return VmwareSource(info, secret)
     if info.kind not in _sources:
         _ensure_env_plugins()
     factory = _sources.get(info.kind)
@@ -117,7 +126,7 @@ def source_for(info: PlatformInfo, secret: dict[str, str]) -> Source:
         return factory(info, secret)
     raise PermanentError(
         f"platform {info.name!r} is of kind {info.kind.value!r}, which has no source "
-        f"connector in this version (supported as source: {_supported(_sources)})"
+        f"connector in this version (supported as source: {_supported(_sources, _BUILTIN_SOURCES)})"
     )
 
 
@@ -126,6 +135,10 @@ def target_for(info: PlatformInfo, secret: dict[str, str]) -> Target:
         from connectors.kvm.target import KvmTarget
 
         return KvmTarget(info, secret)
+    if info.kind == PlatformKind.VMWARE:
+        from connectors.vmware.target import VmwareTarget
+
+        return VmwareTarget(info, secret)
     if info.kind not in _targets:
         _ensure_env_plugins()
     factory = _targets.get(info.kind)
@@ -133,5 +146,5 @@ def target_for(info: PlatformInfo, secret: dict[str, str]) -> Target:
         return factory(info, secret)
     raise PermanentError(
         f"platform {info.name!r} is of kind {info.kind.value!r}, which has no target "
-        f"connector in this version (supported as target: {_supported(_targets)})"
+        f"connector in this version (supported as target: {_supported(_targets, _BUILTIN_TARGETS)})"
     )

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.harness.guest import GuestImage, build_guest
 from tests.harness.libvirtd import ensure_libvirtd
 from tests.harness.stack import Stack, transcend_stack
+from tests.harness.vcsim import VcSim, vcsim_session
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,3 +52,20 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         except BaseException:
             print(s.worker_log_tail())
             raise
+
+
+@pytest.fixture(scope="module")
+def vsphere(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VcSim, Any]]:
+    """The vCenter simulator and a pyVmomi session, one per test module."""
+    with vcsim_session(tmp_path_factory.mktemp("vcsim")) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def sim(vsphere: tuple[VcSim, Any]) -> VcSim:
+    return vsphere[0]
+
+
+@pytest.fixture(scope="module")
+def si(vsphere: tuple[VcSim, Any]) -> Any:
+    return vsphere[1]

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -396,6 +397,18 @@ def _rpo_breach(st: ReplicationStatus) -> bool:
     return st.health == Health.WARNING and RPO_REASON.match(st.health_reason) is not None
 
 
+async def _listed(client: Client, query: str) -> list[str]:
+    """Workflow ids a visibility query returns (what the UI's list view shows), polled
+    for up to 20 s: visibility lags the workflow a little."""
+    found: list[str] = []
+    for _ in range(40):
+        found = [w.id async for w in client.list_workflows(query)]
+        if found:
+            break
+        await asyncio.sleep(0.5)
+    return found
+
+
 @pytest.mark.guest
 @pytest.mark.timeout(600)
 def test_rpo_breach_alerts_a_webhook_with_retries(
@@ -490,13 +503,7 @@ async def _rpo_breach_alert(guest_image: GuestImage, stack: Stack, tmp_path: Pat
         assert cat.get_protection("alerts").health == Health.WARNING
         # The Temporal UI's list view finds it: the visibility query for unhealthy
         # protections returns exactly this one (visibility lags the workflow a little).
-        query = 'WorkflowType = "Replication" AND TranscendHealth != "healthy"'
-        found: list[str] = []
-        for _ in range(40):
-            found = [w.id async for w in client.list_workflows(query)]
-            if found:
-                break
-            await asyncio.sleep(0.5)
+        found = await _listed(client, 'WorkflowType = "Replication" AND TranscendHealth != "healthy"')
         assert found == [handle.id], found
 
         # No test failover ran: a minute after replication started the drill is overdue,
@@ -521,13 +528,8 @@ async def _rpo_breach_alert(guest_image: GuestImage, stack: Stack, tmp_path: Pat
         assert "transcend test-failover alerts" in drill.message
         memo = await (await handle.describe()).memo_value("summary")
         assert isinstance(memo, str) and "test failover overdue since" in memo, memo
-        query = ('WorkflowType = "Replication" AND TranscendTestFailoverDue < '
-                 f'"{datetime.now(UTC).isoformat()}"')
-        for _ in range(40):
-            found = [w.id async for w in client.list_workflows(query)]
-            if found:
-                break
-            await asyncio.sleep(0.5)
+        found = await _listed(client, 'WorkflowType = "Replication" AND TranscendTestFailoverDue < '
+                                      f'"{datetime.now(UTC).isoformat()}"')
         assert found == [handle.id], found
         await asyncio.sleep(12)  # at least one more wake-up (RPO 10 s): still one alert
         assert [a["kind"] for a in receiver.delivered()].count("test_failover_overdue") == 1

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import requests
-from pyVim.connect import Disconnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
@@ -25,7 +24,6 @@ from tests.harness.vcsim import (
     remove,
     snapshot,
     the_disk,
-    vcsim,
     write,
 )
 
@@ -33,23 +31,6 @@ MiB = 1 << 20
 BLOCK = 64 * 1024
 DISK = 64 * MiB
 CHANGE_ID = re.compile(r"^52( [0-9a-f]{2}){7}-[0-9a-f]{2}( [0-9a-f]{2}){7}/\d+$")
-
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VcSim]:
-    with vcsim(tmp_path_factory.mktemp("vcsim")) as s:
-        try:
-            yield s
-        except BaseException:
-            print(s.log_tail())
-            raise
-
-
-@pytest.fixture(scope="module")
-def si(sim: VcSim) -> Iterator[Any]:
-    conn = sim.connect()
-    yield conn
-    Disconnect(conn)
 
 
 @pytest.fixture(autouse=True)

@@ -69,6 +69,9 @@ class DiskInfo(Model):
     bus: str = "virtio"
     boot_order: int | None = None
     source: str = Field(default="", description="where the platform keeps it (path, URL, id)")
+    controller: str = Field(default="", description="controller model and number where the "
+                                                    "platform has them (VMware: pvscsi:0)")
+    device_key: int | None = Field(default=None, description="VMware: the disk's device key")
 
 
 class NicInfo(Model):
@@ -93,7 +96,10 @@ class Workload(Model):
     disks: list[DiskInfo]
     nics: list[NicInfo] = Field(default_factory=list)
     os_family: str = "linux"
+    guest_os: str = Field(default="", description="the platform's guest OS id (VMware guestId)")
     power_state: str = "unknown"
+    tools: str = Field(default="", description="guest agent state where the platform has one "
+                                               "(VMware Tools: running, not-running, …)")
 
 
 # --------------------------------------------------------------------------- policy

@@ -709,6 +709,9 @@ class KvmFrozen:
             extents=extents,
         )
 
+    def close(self) -> None:
+        """Nothing to stop: libvirt's backup job serves the exports until release."""
+
     def new_checkpoints(self) -> list[Checkpoint]:
         return [
             Checkpoint(
@@ -815,6 +818,9 @@ class KvmGroupFrozen:
     def export(self, disk: DiskId) -> NbdEndpoint:
         member, inner = self._member(disk)
         return member.export(inner)
+
+    def close(self) -> None:
+        """Nothing to stop (see KvmFrozen.close)."""
 
     def new_checkpoints(self) -> list[Checkpoint]:
         return [cp.model_copy(update={"disk": f"{name}/{cp.disk}"})

@@ -64,6 +64,7 @@ from transcend.models import (
     PointMeta,
     RecoveryPoint,
     StagingHandle,
+    Workload,
 )
 
 DEFAULT_URI = "qemu:///system"
@@ -249,7 +250,8 @@ class KvmTarget:
 
     # ------------------------------------------------------------------ Target
 
-    def prepare(self, protection: str, disks: list[DiskInfo]) -> None:
+    def prepare(self, protection: str, disks: list[DiskInfo],
+                workloads: list[Workload] | None = None) -> None:
         """Create the replica's directories (idempotent) and check free space. Disks
         grow at the next ``begin``: its staging layer has the new size."""
         ids = [d.id for d in disks]
@@ -843,6 +845,10 @@ class KvmStaging:
                 fsync_path(layer.parent, directory=True)
             out.append(str(layer))
         return out
+
+    def close(self) -> None:
+        """Nothing to stop: the staging exports live until commit or abort (their
+        qemu-nbd processes are found again by pid file in any worker process)."""
 
     def abort(self) -> None:
         """Stop the exports and delete the staging files (idempotent). Layers of a

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
 from connectors.kvm.domain import ISOLATED_NETWORK, isolated_network_xml
@@ -95,8 +95,27 @@ async def wait_for(fn: Callable[[], Awaitable[ReplicationStatus]],
 
 
 async def wait_first_point(handle: WorkflowHandle[object, object], timeout: float = 600) -> ReplicationStatus:
-    return await wait_for(lambda: status(handle), lambda s: s.last_point_id is not None
-                          or s.cycles_failed > 0, timeout, "the first point")
+    async def running_status() -> ReplicationStatus:
+        # A Replication workflow that ended (its registration failed) never gets a
+        # point: say why at once instead of waiting out the timeout.
+        desc = await handle.describe()
+        if desc.status != WorkflowExecutionStatus.RUNNING:
+            try:
+                await handle.result()
+            except Exception as e:
+                raise _Ended(f"the Replication workflow ended ({desc.status}): {e!r}") from e
+            raise _Ended(f"the Replication workflow ended ({desc.status})")
+        return await status(handle)
+
+    try:
+        return await wait_for(running_status, lambda s: s.last_point_id is not None
+                              or s.cycles_failed > 0, timeout, "the first point")
+    except _Ended as e:
+        raise AssertionError(str(e)) from e
+
+
+class _Ended(BaseException):
+    """Escapes wait_for's retry-on-error loop (it retries Exceptions)."""
 
 
 async def sync_now(handle: WorkflowHandle[object, object], timeout: float = 600) -> ReplicationStatus:

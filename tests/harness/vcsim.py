@@ -359,3 +359,48 @@ def write(path: Path, offset: int, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def snapshot_names(vm: Any) -> list[str]:
+    """Names of the VM's snapshots, parents before children."""
+    out: list[str] = []
+
+    def walk(trees: Any) -> None:
+        for t in trees or []:
+            out.append(t.name)
+            walk(t.childSnapshotList)
+
+    walk(vm.snapshot.rootSnapshotList if vm.snapshot else None)
+    return out
+
+
+@contextlib.contextmanager
+def vcsim_session(workdir: Path) -> Iterator[tuple[VcSim, Any]]:
+    """A simulator and a pyVmomi session to it; its log is printed when the body fails."""
+    from pyVim.connect import Disconnect
+
+    with vcsim(workdir) as sim:
+        si = sim.connect()
+        try:
+            yield sim, si
+        except BaseException:
+            print(sim.log_tail())
+            raise
+        finally:
+            Disconnect(si)
+
+
+def leftover_servers() -> list[str]:
+    """Command lines of NBD servers the VMware connectors started (private directories
+    under /tmp/tvmw-*) that are still running: each should stop with its activity."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "/tmp/tvmw-" in cmd and ("nbdkit" in cmd or "qemu-nbd" in cmd):
+            out.append(cmd.strip())
+    return out

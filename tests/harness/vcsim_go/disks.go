@@ -570,9 +570,17 @@ func (a *App) snapshotCreated(m *vmModel, snap *simulator.VirtualMachineSnapshot
 		vd.current = delta
 	}
 	m.snaps[snap.Self.Value] = rec
+	a.setSnapshotDevices(m, snap, rec)
+	a.stun(m)
+	a.syncDevices(m)
+	return nil
+}
 
-	// The snapshot's config: its own copy of the devices, disks showing the
-	// frozen backing (fileName, changeId, parent chain).
+// setSnapshotDevices gives the snapshot's config its own copy of the devices, disks
+// showing the frozen backing (fileName, changeId, parent chain). Called again when a
+// consolidation renames the files a snapshot froze (vSphere's snapshot config then
+// names the parent's files).
+func (a *App) setSnapshotDevices(m *vmModel, snap *simulator.VirtualMachineSnapshot, rec *snapRec) {
 	devices := make([]types.BaseVirtualDevice, 0, len(snap.Config.Hardware.Device))
 	for _, d := range snap.Config.Hardware.Device {
 		disk, ok := d.(*types.VirtualDisk)
@@ -594,9 +602,6 @@ func (a *App) snapshotCreated(m *vmModel, snap *simulator.VirtualMachineSnapshot
 		cfg.ChangeTrackingEnabled = types.NewBool(m.cbtActive)
 		snap.Config = cfg
 	})
-	a.stun(m)
-	a.syncDevices(m)
-	return nil
 }
 
 // referencers of a disk file: the snapshots that froze it and the VM's running disk.
@@ -667,6 +672,14 @@ func (a *App) snapshotRemoved(m *vmModel, snapID string) error {
 			}
 			delete(vd.nodes, child)
 			a.retarget(m, vd, child, frozen)
+			for id, r := range m.snaps {
+				if r.frozen[key] != frozen {
+					continue
+				}
+				if obj, ok := simulator.Map.Get(types.ManagedObjectReference{Type: "VirtualMachineSnapshot", Value: id}).(*simulator.VirtualMachineSnapshot); ok {
+					a.setSnapshotDevices(m, obj, r)
+				}
+			}
 		}
 	}
 	a.stun(m)
