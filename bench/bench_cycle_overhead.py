@@ -64,6 +64,7 @@ from tests.harness.libvirtd import (  # noqa: E402
     traversable,
     wait_for_console,
 )
+from tests.harness.procs import processes_mentioning  # noqa: E402
 from tests.harness.protect import (  # noqa: E402
     add_kvm_platforms,
     protection_spec,
@@ -242,17 +243,7 @@ def report(cycles: list[CycleRecord], client_seconds: list[float], histories: li
 def stray_processes(marker: str) -> list[int]:
     """Pids of processes whose command line mentions ``marker`` (our work dir),
     libvirt's qemu excepted (running_domain destroys it through libvirt)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd and "qemu-system" not in cmd:
-            pids.append(int(d.name))
-    return pids
+    return processes_mentioning(marker, exclude=("qemu-system",))
 
 
 def main() -> int:

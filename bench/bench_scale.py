@@ -88,6 +88,7 @@ from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
 from temporalio.common import SearchAttributeKey  # noqa: E402
 
 from tests.harness import synthetic  # noqa: E402
+from tests.harness.procs import processes_mentioning  # noqa: E402
 from tests.harness.protect import protection_spec, start_protection, verify_point  # noqa: E402
 from tests.harness.stack import Stack, transcend_stack  # noqa: E402
 from transcend.api import CYCLE_WORKFLOW, schedule_id  # noqa: E402
@@ -582,17 +583,7 @@ def report(results: list[CountResult]) -> dict[str, Any]:
 
 
 def stray_processes(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(d.name))
-    return pids
+    return processes_mentioning(marker)
 
 
 def one_count(n: int, args: argparse.Namespace) -> CountResult:

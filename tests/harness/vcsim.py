@@ -40,6 +40,8 @@ import requests
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
+from tests.harness.procs import command_lines
+
 __all__ = ["VcSim", "VcsimBuildError", "build_vcsim", "vcsim"]
 
 SRC_DIR = Path(__file__).resolve().parent / "vcsim_go"
@@ -393,14 +395,5 @@ def vcsim_session(workdir: Path) -> Iterator[tuple[VcSim, Any]]:
 def leftover_servers() -> list[str]:
     """Command lines of NBD servers the VMware connectors started (private directories
     under /tmp/tvmw-*) that are still running: each should stop with its activity."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "/tmp/tvmw-" in cmd and ("nbdkit" in cmd or "qemu-nbd" in cmd):
-            out.append(cmd.strip())
-    return out
+    return [cmd for cmd in command_lines().values()
+            if "/tmp/tvmw-" in cmd and ("nbdkit" in cmd or "qemu-nbd" in cmd)]
