@@ -44,7 +44,8 @@ from tests.harness.protect import (
 from tests.harness.stack import Stack
 from transcend import alerts as alerts_module
 from transcend.alerts import Alert, Notifier, NotifierError, WebhookNotifier, notifiers_from_settings
-from transcend.api import ReplicationCarry, ReplicationStatus, TestFailoverReport
+from transcend.api import ReplicationCarry, ReplicationStatus
+from transcend.api import TestFailoverReport as FailoverReport
 from transcend.catalog import Catalog
 from transcend.config import Settings, load_settings
 from transcend.models import Health, ProtectionPolicy, ProtectionState
@@ -360,13 +361,13 @@ def test_drill_alert_once_per_due_time_and_a_failed_test_does_not_count() -> Non
 
     # A failed test does not move the due time; a successful one does, from when it was
     # healthy, and the next overdue is alerted again.
-    failed = TestFailoverReport(point_id="p1", started_at=due + timedelta(hours=2), ok=False,
+    failed = FailoverReport(point_id="p1", started_at=due + timedelta(hours=2), ok=False,
                                 error="health check timed out")
     c.test_failovers = [failed]
     assert drill_due(policy, c) == due
     assert drill_alert("db", policy, c, due + timedelta(hours=3)) is None
     healthy_at = due + timedelta(hours=4, minutes=2)
-    c.test_failovers = [failed, TestFailoverReport(point_id="p2", started_at=due + timedelta(hours=4),
+    c.test_failovers = [failed, FailoverReport(point_id="p2", started_at=due + timedelta(hours=4),
                                                    healthy_at=healthy_at, rto_seconds=120.0, ok=True)]
     next_due = healthy_at + timedelta(days=7)
     assert drill_due(policy, c) == next_due
