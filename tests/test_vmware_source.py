@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyVim.connect import Disconnect
 from pyVmomi import vim
 
 from connectors.base import ConnectorError, NotFound, PermanentError
@@ -94,6 +95,18 @@ def test_bad_credentials_and_certificate_choices(sim: VcSim) -> None:
         TlsChoice.from_config({"host": "h"}, "vc")
     with pytest.raises(PermanentError, match="exactly one of"):
         TlsChoice.from_config({"thumbprint": "ab" * 20, "insecure": True}, "vc")
+    # A session logged in by another tool: used, and not logged out by us.
+    other = sim.connect()
+    cookie = str(other._stub.cookie)
+    session_id = cookie.split("=", 1)[1].split(";", 1)[0].strip('"')
+    borrowed = source_for(platform(sim), {"session": session_id})
+    assert isinstance(borrowed, VmwareSource) and borrowed.inventory() is not None
+    assert borrowed.s().user == sim.user
+    borrowed.close()
+    assert other.content.sessionManager.currentSession is not None  # still logged in
+    Disconnect(other)
+    with pytest.raises(PermanentError, match="not logged in"):
+        source_for(platform(sim), {"session": session_id}).inventory()
     assert TlsChoice.from_config({"insecure": "true"}, "vc").insecure  # --config insecure=true
     assert not TlsChoice.from_config({"ca_file": "/ca.pem", "insecure": "false"}, "vc").insecure
     # insecure really skips verification: the self-signed simulator is reachable.

@@ -106,8 +106,12 @@ class VsphereSession:
         self.tls = TlsChoice.from_config(info.config, info.name)
         self.user = secret.get("user", "")
         password = secret.get("password", "")
-        if not self.user:
-            raise PermanentError(f"platform {info.name!r}: secret user is missing")
+        # A session another tool logged in (its vmware_soap_session cookie value): used
+        # as is, never logged out by us, and the user is only needed for VDDK.
+        borrowed = secret.get("session", "").strip().strip('"')
+        if not self.user and not borrowed:
+            raise PermanentError(f"platform {info.name!r}: secret user (and password) or "
+                                 "session is missing")
         kwargs: dict[str, Any] = {}
         if self.tls.insecure:
             kwargs["disableSslCertValidation"] = True
@@ -122,6 +126,8 @@ class VsphereSession:
             kwargs["sslContext"] = ssl.create_default_context(cafile=self.tls.ca_file)
         where = f"vSphere {self.host}:{self.port}"
         try:
+            if borrowed:
+                kwargs["sessionId"] = borrowed
             self.si = SmartConnect(host=self.host, port=self.port, user=self.user, pwd=password,
                                    httpConnectionTimeout=60, **kwargs)
         except vim.fault.InvalidLogin as e:
@@ -138,7 +144,17 @@ class VsphereSession:
         except (OSError, vmodl.MethodFault) as e:
             raise ConnectorError(f"cannot reach {where}: {_fault_text(e)}") from e
         self.content = self.si.RetrieveContent()
-        self._finalizer = weakref.finalize(self, _logout, self.si)
+        if borrowed:
+            try:
+                current = self.content.sessionManager.currentSession
+            except vim.fault.NotAuthenticated:
+                current = None
+            if current is None:
+                raise PermanentError(f"{where}: the session given in the platform's secret "
+                                     "is not logged in (expired or logged out); give a fresh "
+                                     "one or a user and password")
+            self.user = self.user or str(current.userName)
+        self._finalizer = weakref.finalize(self, _logout if not borrowed else _keep, self.si)
 
     def close(self) -> None:
         self._finalizer()
@@ -253,6 +269,10 @@ def split_datastore_path(path: str) -> tuple[str, str]:
     if not m:
         raise ConnectorError(f"{path!r} is not a datastore path like '[datastore] dir/file'")
     return m.group(1), m.group(2)
+
+
+def _keep(si: Any) -> None:
+    """A borrowed session belongs to whoever logged it in: not ours to end."""
 
 
 def _logout(si: Any) -> None:
