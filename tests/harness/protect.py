@@ -52,10 +52,12 @@ def add_kvm_platforms(cat: Catalog, replica_root: Path, *, source: str = "kvm-sr
     return source, target
 
 
-def protection_spec(name: str, vm: str, source: str, target: str, *, rpo: int = 3600,
+def protection_spec(name: str, vm: str, source: str, target: str, *, rpo: int = 7 * 86400,
                     retention: str = "all 1d", bandwidth: int | None = None,
                     test_failover_every: int | None = None) -> ProtectionSpec:
-    # A long RPO: the tests drive cycles with sync_now so that they are deterministic.
+    # A week: the tests drive cycles with sync_now so that they are deterministic, and
+    # the Schedule's own tick (at a stable offset within its interval) must not land
+    # inside a test, as an hourly one did: a failover then recovered a newer point.
     return ProtectionSpec(
         name=name, source_platform=source, workloads=[vm], target_platform=target,
         policy=ProtectionPolicy(rpo_seconds=rpo, retention=RetentionPolicy.parse(retention),
