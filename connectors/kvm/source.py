@@ -189,7 +189,15 @@ class KvmSource:
     def inventory(self) -> list[Workload]:
         conn = self._conn()
         try:
-            return [workload_from_domain(self.info.name, d) for d in conn.listAllDomains(0)]
+            out = []
+            for d in conn.listAllDomains(0):
+                try:
+                    out.append(workload_from_domain(self.info.name, d))
+                except libvirt.libvirtError as e:
+                    # Undefined between the listing and its description: not a VM any more.
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+            return out
         finally:
             conn.close()
 

@@ -175,6 +175,20 @@ def _walk_snapshots(trees: list[Any] | None) -> list[Any]:
     return out
 
 
+def snapshot_tree(vm: Any, name: str) -> Any | None:
+    """The VM's snapshot tree node named ``name`` (its ``.snapshot`` is the moref)."""
+    snaps = getattr(vm, "snapshot", None)
+    for t in _walk_snapshots(snaps.rootSnapshotList if snaps else None):
+        if t.name == name:
+            return t
+    return None
+
+
+def snapshot_named(vm: Any, name: str) -> Any | None:
+    t = snapshot_tree(vm, name)
+    return t.snapshot if t is not None else None
+
+
 def _epoch(change_id: str) -> str:
     """The CBT epoch of a changeId (the part before '/'): another epoch = tracking reset."""
     return change_id.rpartition("/")[0]
@@ -248,14 +262,14 @@ class VmwareSource:
         s = self.s()
         vm = s.find_vm(workloads[0].ref.id)
         name = f"{SNAPSHOT_PREFIX}{protection}-{cycle_id}"
-        snap = self._find_snapshot(vm, name)
+        snap = snapshot_named(vm, name)
         consistency = "crash"
         if snap is None:
             self._ensure_cbt(vm)
             self._remove_stale(vm, protection, keep=name)
             snap, consistency = self._snapshot(vm, name, cycle_id, opts)
         else:  # a retried freeze: the snapshot's description says how it was taken
-            tree = self._snapshot_tree(vm, name)
+            tree = snapshot_tree(vm, name)
             description = str(getattr(tree, "description", "") or "")
             consistency = "application" if description.endswith(", quiesced") else "crash"
         try:
@@ -271,17 +285,6 @@ class VmwareSource:
     def reopen(self, handle: FrozenHandle) -> VmwareFrozen:
         return VmwareFrozen(self, handle)
 
-    def _snapshot_tree(self, vm: Any, name: str) -> Any | None:
-        snaps = getattr(vm, "snapshot", None)
-        for t in _walk_snapshots(snaps.rootSnapshotList if snaps else None):
-            if t.name == name:
-                return t
-        return None
-
-    def _find_snapshot(self, vm: Any, name: str) -> Any | None:
-        t = self._snapshot_tree(vm, name)
-        return t.snapshot if t is not None else None
-
     def _ensure_cbt(self, vm: Any) -> None:
         """CBT on, and active: vSphere starts tracking at the next stun/unstun, which a
         snapshot create + remove is (the VMware-documented way without a power cycle)."""
@@ -293,7 +296,7 @@ class VmwareSource:
         disks = vm_disks(vm.config.hardware.device)
         if all(getattr(d.backing, "changeId", None) for d in disks):
             return
-        snap = self._find_snapshot(vm, CBT_ACTIVATION)
+        snap = snapshot_named(vm, CBT_ACTIVATION)
         if snap is None:
             snap = s.wait(vm.CreateSnapshot_Task(
                 name=CBT_ACTIVATION, description="transcend: activates Changed Block Tracking",
@@ -326,7 +329,7 @@ class VmwareSource:
                 # timed out): a crash-consistent point is better than none.
                 log.warning("quiesced snapshot of %s failed (%s); taking a crash-consistent one",
                             vm.name, e)
-                leftover = self._find_snapshot(vm, name)
+                leftover = snapshot_named(vm, name)
                 if leftover is not None:
                     s.wait(leftover.RemoveSnapshot_Task(removeChildren=False), "cleanup")
         elif opts.quiesce:
@@ -345,7 +348,7 @@ class VmwareSource:
         devices = {d.key: d for d in snap_devices}
         # The instant is the snapshot's creation time, so a retried freeze of the same
         # cycle (which reuses the snapshot) reports the same instant.
-        tree = self._snapshot_tree(vm, f"{SNAPSHOT_PREFIX}{protection}-{cycle_id}")
+        tree = snapshot_tree(vm, f"{SNAPSHOT_PREFIX}{protection}-{cycle_id}")
         created = getattr(tree, "createTime", None)
         if created is None:
             raise ConnectorError(f"the snapshot of VM {vm.name!r} for cycle {cycle_id} has no "
@@ -571,7 +574,7 @@ class VmwareFrozen:
         try:
             s = self.source.s()
             vm = s.find_vm(self.handle.data["instance_uuid"])
-            snap = self.source._find_snapshot(vm, self.handle.data["snapshot_name"])
+            snap = snapshot_named(vm, self.handle.data["snapshot_name"])
             if snap is not None:
                 s.wait(snap.RemoveSnapshot_Task(removeChildren=False),
                        f"removing snapshot {self.handle.data['snapshot_name']!r} of VM "

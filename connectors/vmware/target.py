@@ -35,7 +35,7 @@ from pyVmomi import vim, vmodl
 from connectors.base import ConnectorError, NotFound, PermanentError
 from connectors.vmware.export import VddkSourceFactory, serve_file, serve_nbdkit, vddk_thumbprint
 from connectors.vmware.session import VsphereSession, split_datastore_path
-from connectors.vmware.source import vm_disks
+from connectors.vmware.source import snapshot_named, vm_disks
 from connectors.vmware.vmdk import parse_descriptor
 from transcend.models import (
     BootSpec,
@@ -58,18 +58,6 @@ ANNOTATION = "transcend replica of protection {p}; managed by transcend: do not 
 INSTANCE_ANNOTATION = "transcend instance of point {pt} (protection {p}); destroyed by transcend"
 _NIC_TYPES = {"vmxnet3": vim.vm.device.VirtualVmxnet3, "e1000": vim.vm.device.VirtualE1000,
               "e1000e": vim.vm.device.VirtualE1000e}
-
-
-def _snapshot_named(vm: Any, name: str) -> Any | None:
-    def walk(trees: Any) -> Any | None:
-        for t in trees or []:
-            if t.name == name:
-                return t.snapshot
-            found = walk(t.childSnapshotList)
-            if found is not None:
-                return found
-        return None
-    return walk(vm.snapshot.rootSnapshotList if vm.snapshot else None)
 
 
 class VmwareTarget:
@@ -179,7 +167,7 @@ class VmwareTarget:
                     f"{int(cur.capacityInBytes) if cur else 'no'} bytes, the source {d.size}: a "
                     "source disk that is added or resized needs a new replica on a VMware "
                     "target (unprotect, delete the replica VM, protect again)")
-        if _snapshot_named(vm, BASE_SNAPSHOT) is None:
+        if snapshot_named(vm, BASE_SNAPSHOT) is None:
             self.s().wait(vm.CreateSnapshot_Task(name=BASE_SNAPSHOT, description="empty disks",
                                                  memory=False, quiesce=False),
                           f"base snapshot of replica {vm.name!r}")
@@ -234,14 +222,14 @@ class VmwareTarget:
     def begin(self, protection: str, cycle_id: str, disks: list[DiskInfo],
               last: RecoveryPoint | None) -> VmwareStaging:
         vm = self.replica(protection)
-        if _snapshot_named(vm, POINT_PREFIX + cycle_id) is not None:
+        if snapshot_named(vm, POINT_PREFIX + cycle_id) is not None:
             raise PermanentError(f"cycle {cycle_id} of {protection!r} is already committed: "
                                  "retry its commit instead of beginning it again")
-        start = _snapshot_named(vm, POINT_PREFIX + last.id) if last is not None else None
+        start = snapshot_named(vm, POINT_PREFIX + last.id) if last is not None else None
         if last is not None and start is None:
             raise NotFound(f"the snapshot of point {last.id} is missing on replica {vm.name!r}: "
                            "the replica was changed outside transcend; resync it")
-        start = start or _snapshot_named(vm, BASE_SNAPSHOT)
+        start = start or snapshot_named(vm, BASE_SNAPSHOT)
         if start is None:
             raise NotFound(f"replica {vm.name!r} has no {BASE_SNAPSHOT} snapshot; prepare it again")
         # The running disks become exactly the starting point (an aborted cycle's partial
@@ -289,7 +277,7 @@ class VmwareTarget:
 
     def open(self, point: RecoveryPoint, disk: DiskId) -> NbdEndpoint:
         vm = self.replica(point.protection)
-        snap = _snapshot_named(vm, POINT_PREFIX + point.id)
+        snap = snapshot_named(vm, POINT_PREFIX + point.id)
         if snap is None:
             raise NotFound(f"point {point.id}: snapshot missing on replica {vm.name!r}")
         ep, proc = self._export(vm._moId, snap.config, [d.disk for d in point.disks], disk,
@@ -307,7 +295,7 @@ class VmwareTarget:
         (the successor point) does not change. Locations name snapshots, not files,
         so nothing moves."""
         vm = self.replica(point.protection)
-        snap = _snapshot_named(vm, POINT_PREFIX + point.id)
+        snap = snapshot_named(vm, POINT_PREFIX + point.id)
         if snap is not None:
             self.s().wait(snap.RemoveSnapshot_Task(removeChildren=False),
                           f"deleting point {point.id} (a snapshot of {vm.name!r})")
@@ -318,7 +306,7 @@ class VmwareTarget:
     def boot(self, point: RecoveryPoint, spec: BootSpec) -> Instance:
         s = self.s()
         vm = self.replica(point.protection)
-        snap = _snapshot_named(vm, POINT_PREFIX + point.id)
+        snap = snapshot_named(vm, POINT_PREFIX + point.id)
         if snap is None:
             raise NotFound(f"point {point.id}: snapshot missing on replica {vm.name!r}")
         existing = [v for v in s.all_vms() if v.name == spec.name]
@@ -403,7 +391,7 @@ class VmwareStaging:
 
     def endpoint(self, disk: DiskId) -> NbdEndpoint:
         vm = self._vm()
-        if _snapshot_named(vm, POINT_PREFIX + self.handle.cycle_id) is not None:
+        if snapshot_named(vm, POINT_PREFIX + self.handle.cycle_id) is not None:
             raise PermanentError(f"cycle {self.handle.cycle_id} is already committed")
         ep, proc = self.target._export(vm._moId, vm.config, [d.id for d in self.handle.disks],
                                        disk, "", True, f"replica disk {disk} of {vm.name!r}")
@@ -411,9 +399,7 @@ class VmwareStaging:
         return ep
 
     def close(self) -> None:
-        for p in self._procs:
-            p.stop()
-        self._procs.clear()
+        self.close_writers()
         self.target.close_session()
 
     def commit(self, meta: PointMeta) -> list[str]:
@@ -422,7 +408,7 @@ class VmwareStaging:
         self.close_writers()
         vm = self._vm()
         name = POINT_PREFIX + self.handle.cycle_id
-        snap = _snapshot_named(vm, name)
+        snap = snapshot_named(vm, name)
         if snap is None:
             snap = self.target.s().wait(vm.CreateSnapshot_Task(
                 name=name, description=f"transcend point {meta.cycle_id} ({meta.kind.value}, "
@@ -439,7 +425,7 @@ class VmwareStaging:
         """Revert to the starting snapshot: the partial writes are discarded."""
         self.close_writers()
         vm = self._vm()
-        if _snapshot_named(vm, POINT_PREFIX + self.handle.cycle_id) is not None:
+        if snapshot_named(vm, POINT_PREFIX + self.handle.cycle_id) is not None:
             raise PermanentError(f"cycle {self.handle.cycle_id} is committed; delete its point")
         start = vim.vm.Snapshot(self.handle.data["start"], self.target.s().si._stub)
         with contextlib.suppress(Exception):
