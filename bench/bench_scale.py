@@ -22,10 +22,10 @@ endpoints, verify.sample, commit, release and retention as for KVM).
    cycle. Reported: seconds until every protection has its first point.
 2. **Measurement window** of ``--duration`` seconds from then on: the Schedules
    start Cycle workflows at their interval (``max(10, rpo - p95 cycle time)``,
-   i.e. the RPO at first). Temporal interval specs are aligned to the Unix epoch,
-   so protections with the same interval are due at the same instant: each tick is
-   a burst of N cycles. Then up to ``--grace`` seconds for the cycles due in the
-   window to finish.
+   i.e. the RPO at first), each at its own offset within the interval (a hash of
+   the protection's name, activities/protection.py ``schedule_offset``), so the N
+   cycles of one interval are spread over it rather than due in one burst. Then up
+   to ``--grace`` seconds for the cycles due in the window to finish.
 3. **Results** from Temporal's visibility (every Cycle workflow whose *due* time,
    the scheduler's ``TemporalScheduledStartTime`` / the time suffix Temporal puts
    in the workflow id, lies in the window):
@@ -36,8 +36,10 @@ endpoints, verify.sample, commit, release and retention as for KVM).
      the catalog) - due: when the worker actually began the cycle;
    * cycle time = workflow close - start; "drain" = per tick, the last cycle's
      close - due (how long one burst of N cycles takes);
-   * cycles due (from each Schedule's interval), started, completed, failed,
-     and the Schedules' skipped-overlap / missed-catch-up-window counters;
+   * cycles due (from each Schedule's interval and offset, read in one paginated
+     listing of the Schedules), started, completed, failed, and the skipped-overlap
+     / missed-catch-up-window counters of ``--describe`` Schedules spread over all
+     (describing 1,000 one by one overloads the dev server);
    * CPU from /proc, sampled every ``--sample`` s over the window: the worker
      process, the dev server process (and their children), the two nbdkit
      servers, the whole machine (shared: other sessions' load is in it) and the
@@ -253,7 +255,8 @@ class CountResult:
     running_at_end: int = 0
     skipped_overlap: int = 0
     missed_catchup: int = 0
-    describe_failed: int = 0
+    describe_failed: int = 0  # Schedules missing from the listing
+    described: int = 0  # Schedules whose counters were read
     schedule_lag: dict[str, float | None] = field(default_factory=dict)
     pickup_lag: dict[str, float | None] = field(default_factory=dict)
     cycle_seconds: dict[str, float | None] = field(default_factory=dict)
@@ -325,9 +328,10 @@ async def onboard(client: Client, cat: Catalog, names: list[str], args: argparse
     return time.monotonic() - t0
 
 
-async def list_cycles(client: Client) -> list[CycleRow]:
+async def list_cycles(client: Client, running_only: bool = False) -> list[CycleRow]:
     rows = []
-    async for wf in client.list_workflows(f'WorkflowType="{CYCLE_WORKFLOW}"'):
+    query = f'WorkflowType="{CYCLE_WORKFLOW}"' + (' AND ExecutionStatus="Running"' if running_only else "")
+    async for wf in client.list_workflows(query, page_size=1000):
         due = due_time(wf.id, wf.typed_search_attributes)
         if due is None or not wf.id.startswith("cycle/"):
             continue
@@ -345,7 +349,7 @@ async def wait_idle(client: Client, t_end: float, grace: float) -> None:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         try:
-            listed = await list_cycles(client)
+            listed = await list_cycles(client, running_only=True)
         except Exception as e:  # an overloaded dev server times out: try again
             print(f"  listing cycles: {e}", file=sys.stderr)
             await asyncio.sleep(5)
@@ -353,7 +357,7 @@ async def wait_idle(client: Client, t_end: float, grace: float) -> None:
         running = [r for r in listed if r.status == WorkflowExecutionStatus.RUNNING.name and r.due < t_end]
         if not running:
             return
-        await asyncio.sleep(3)
+        await asyncio.sleep(5)
 
 
 async def retried(what: str, fn: Any, attempts: int = 5) -> Any:
@@ -369,25 +373,47 @@ async def retried(what: str, fn: Any, attempts: int = 5) -> Any:
     raise AssertionError("unreachable")
 
 
-async def describe_schedules(client: Client, names: list[str], rpo: int
-                             ) -> tuple[dict[str, tuple[int, int]], int, int, int]:
-    """Per Schedule (interval, offset), and the sums of its skipped-overlap and missed
-    catch-up-window counters; a Schedule that cannot be described is counted as having
-    the RPO as interval (returned: how many)."""
+async def schedule_intervals(client: Client, names: list[str], rpo: int
+                             ) -> tuple[dict[str, tuple[int, int]], int]:
+    """Per protection its Schedule's (interval, offset), from ONE paginated listing.
 
-    async def one(p: str) -> tuple[str, int, int, int, int, bool]:
+    Describing 1,000 Schedules one by one against a busy dev server fails ("consistent
+    query buffer is full"); the listing carries each spec. A Schedule missing from the
+    listing counts with the RPO as interval and offset 0 (returned: how many)."""
+    wanted = {schedule_id(p): p for p in names}
+    got: dict[str, tuple[int, int]] = {}
+
+    async def listing() -> None:
+        async for s in await client.list_schedules(page_size=500, rpc_timeout=timedelta(seconds=60)):
+            p = wanted.get(s.id)
+            if p is None or s.schedule is None or not s.schedule.spec.intervals:
+                continue
+            iv = s.schedule.spec.intervals[0]
+            got[p] = (int(iv.every.total_seconds()), int(iv.offset.total_seconds()) if iv.offset else 0)
+
+    await retried("listing schedules", listing)
+    missing = [p for p in names if p not in got]
+    for p in missing:
+        got[p] = (rpo, 0)
+    return got, len(missing)
+
+
+async def schedule_counters(client: Client, names: list[str], sample: int) -> dict[str, int]:
+    """Skipped-overlap and missed-catch-up-window counters of ``sample`` Schedules spread
+    over all, described one at a time (the counters are not in the listing)."""
+    n = min(sample, len(names))
+    picks = [names[round(i * (len(names) - 1) / max(1, n - 1))] for i in range(n)] if n else []
+    out = {"described": 0, "skipped_overlap": 0, "missed_catchup": 0}
+    for p in picks:
         try:
-            d = await retried(f"describe {p}", lambda: client.get_schedule_handle(schedule_id(p)).describe(
-                rpc_timeout=timedelta(seconds=30)), attempts=3)
+            d = await retried(f"describe {p}", lambda p=p: client.get_schedule_handle(
+                schedule_id(p)).describe(rpc_timeout=timedelta(seconds=30)), attempts=3)
         except Exception:
-            return (p, rpo, 0, 0, 0, False)
-        iv = d.schedule.spec.intervals[0]
-        return (p, int(iv.every.total_seconds()), int(iv.offset.total_seconds()) if iv.offset else 0,
-                d.info.num_actions_skipped_overlap, d.info.num_actions_missed_catchup_window, True)
-
-    got = await gather_limited(10, [one(p) for p in names])
-    return ({g[0]: (g[1], g[2]) for g in got}, sum(g[3] for g in got), sum(g[4] for g in got),
-            sum(1 for g in got if not g[5]))
+            continue
+        out["described"] += 1
+        out["skipped_overlap"] += d.info.num_actions_skipped_overlap
+        out["missed_catchup"] += d.info.num_actions_missed_catchup_window
+    return out
 
 
 def ticks(t0: float, t1: float, every: int, offset: int) -> int:
@@ -466,8 +492,10 @@ async def run_count(stack: Stack, srv: synthetic.SyntheticServers, n: int, args:
     res.resources = sampler.window(t0, t1)
     res.resources["after_window"] = sampler.window(t1, t_idle)
     rows = [r for r in await retried("listing cycles", lambda: list_cycles(client)) if t0 <= r.due < t1]
-    intervals, res.skipped_overlap, res.missed_catchup, res.describe_failed = await describe_schedules(
-        client, names, args.rpo)
+    intervals, res.describe_failed = await schedule_intervals(client, names, args.rpo)
+    counters = await schedule_counters(client, names, args.describe)
+    res.skipped_overlap, res.missed_catchup = counters["skipped_overlap"], counters["missed_catchup"]
+    res.described = counters["described"]
     res.intervals = {str(k): v for k, v in sorted(
         {e: sum(1 for x in intervals.values() if x[0] == e) for e, _ in intervals.values()}.items())}
     res.due = sum(ticks(t0, t1, every, off) for every, off in intervals.values())
@@ -512,9 +540,9 @@ def report_count(r: CountResult) -> None:
     print(f"N={r.count}  RPO {r.rpo} s, window {r.duration:.0f} s, schedule intervals {r.intervals}; "
           f"onboarding {r.onboarding_seconds:.0f} s ({r.onboarded}/{r.count})")
     print(f"  cycles: due {r.due}, started {r.started}, completed {r.completed}, failed {r.failed}, "
-          f"still running {r.running_at_end}; schedules skipped(overlap) {r.skipped_overlap}, "
-          f"missed(catch-up window) {r.missed_catchup}"
-          f"{f' ({r.describe_failed} not described)' if r.describe_failed else ''}; "
+          f"still running {r.running_at_end}; of {r.described} Schedules described, skipped(overlap) "
+          f"{r.skipped_overlap}, missed(catch-up window) {r.missed_catchup}"
+          f"{f' ({r.describe_failed} not in the listing)' if r.describe_failed else ''}; "
           f"{r.completed_per_second:.2f} cycles/s")
     for name, s in (("schedule lag (start - due)", r.schedule_lag),
                     ("pickup lag (cycle.start - due)", r.pickup_lag),
@@ -629,6 +657,8 @@ def main() -> int:
     ap.add_argument("--onboard-timeout", type=float, default=3600, help="max s until all have a point")
     ap.add_argument("--sample", type=float, default=2.0, help="/proc sampling period, s (2)")
     ap.add_argument("--check", type=int, default=20, help="protections whose newest point is hashed (20)")
+    ap.add_argument("--describe", type=int, default=20,
+                    help="Schedules described for their skipped/missed counters (20)")
     ap.add_argument("--verify", type=int, default=3, help="of those, VerifyPoint workflows (3)")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--tmpdir", default="/var/tmp")
