@@ -40,7 +40,7 @@ from transcend.client import connect
 from transcend.config import Settings, load_settings
 from transcend.telemetry import setup_telemetry
 from workflows.cycle import CycleWorkflow
-from workflows.dr import FailbackWorkflow, FailoverWorkflow, MigrationWorkflow
+from workflows.dr import FailbackWorkflow, FailoverWorkflow, MigrationWorkflow, ProductionVmWorkflow
 from workflows.failover import RecoverVmWorkflow, TestFailoverWorkflow
 from workflows.points import BootPointWorkflow, VerifyPointWorkflow
 from workflows.replication import ReplicationWorkflow
@@ -49,7 +49,7 @@ log = logging.getLogger("transcend.worker")
 
 WORKFLOWS: list[type] = [
     ReplicationWorkflow, CycleWorkflow, VerifyPointWorkflow, BootPointWorkflow, TestFailoverWorkflow,
-    FailoverWorkflow, MigrationWorkflow, FailbackWorkflow, RecoverVmWorkflow,
+    FailoverWorkflow, MigrationWorkflow, FailbackWorkflow, RecoverVmWorkflow, ProductionVmWorkflow,
 ]
 
 
@@ -67,7 +67,7 @@ def activities(ctx: ActivityContext) -> list[Any]:
         protection.delete_schedule,
         points.point_target, points.verify, points.boot,
         failover.choose_point, failover.tiers, failover.health, failover.destroy, failover.rto,
-        dr.check, dr.abort, dr.wait_idle, dr.power_off, dr.power_on, dr.boot,
+        dr.check, dr.abort, dr.wait_idle, dr.power_off, dr.power_on, dr.boot, dr.record,
         dr.failback_check, dr.failback_abort, dr.failback_sync, dr.failback_verify,
         dr.failback_finish,
         alerts.send, run_runbook_step,

@@ -6,6 +6,9 @@ and a retried activity finds its own earlier write. Failback is KVM to KVM in th
 version: it reads the failed-over VM with the KVM source (pull-mode backup since the
 checkpoint its production boot created) and writes the original VM's own disks
 through qemu-nbd (connectors/kvm/writeback.py).
+
+A consistency group fails over and back VM by VM (each VM is its own activity call,
+``vm`` naming it); the record lists the VMs in boot order.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
+from activities.failover import boot_tiers
 from connectors.base import PermanentError
 from connectors.kvm.qemu import export_sha256
 from connectors.kvm.source import KvmFrozen, KvmSource
@@ -32,6 +36,7 @@ from transcend.api import (
     FailbackPass,
     FailbackSyncInput,
     FailbackVerify,
+    FailedOverVm,
     FailoverAbort,
     FailoverInput,
     FailoverPlan,
@@ -108,25 +113,24 @@ class DrActivities:
                         raise PermanentError(
                             "a migration always recovers the point of its final cycle; "
                             "use a failover to recover an older point")
-                if len(rec.workloads) != 1:
-                    raise PermanentError(
-                        f"protection {inp.protection!r} has {len(rec.workloads)} VMs; fail "
-                        "over a group through its group workflow")
                 source = cat.get_platform(rec.spec.source_platform)
                 target = cat.get_platform(rec.spec.target_platform)
-                wl = rec.workloads[0]
-                name = inp.name or wl.name
+                tiers = boot_tiers(inp.protection, [w.name for w in rec.workloads], inp.boot_order)
                 same_host = (source.kind == target.kind and source.config.get("uri", "qemu:///system")
                              == target.config.get("uri", "qemu:///system"))
-                if not inp.name and same_host:
-                    name = f"{wl.name}-dr"  # the source VM keeps its name on that host
+                names = {wl.name: production_name(wl.name, inp.name, group=len(rec.workloads) > 1,
+                                                  same_host=same_host)
+                         for wl in rec.workloads}
+                if len(set(names.values())) != len(names):
+                    raise PermanentError(f"two VMs would get the same name at the target: {names}")
                 before = cat.transition(
                     inp.protection, [S.PROTECTING, S.PAUSED], S.FAILING_OVER, op,
                     _hint(rec.state))
             if before == S.FAILING_OVER:  # our own retry, or a failover that was killed
                 before = S.PROTECTING
             return FailoverPlan(protection=inp.protection, source=source, target=target,
-                                workload=wl, name=name, previous_state=before)
+                                workloads=rec.workloads, names=names, tiers=tiers,
+                                previous_state=before)
 
         return await in_thread(run)
 
@@ -136,9 +140,10 @@ class DrActivities:
             with permanent():
                 rec = self.ctx.catalog.get_protection(a.protection)
                 source = _kvm(self.ctx, rec.spec.source_platform, "source")
-                source.stop_leftover_paused(rec.workloads[0].ref.id)
-                if a.restart_source:
-                    source.power_on(rec.workloads[0].ref.id)
+                for wl in rec.workloads:
+                    source.stop_leftover_paused(wl.ref.id)
+                for ref in a.restart_vms:
+                    source.power_on(ref)
                 if rec.state == S.FAILING_OVER:
                     self.ctx.catalog.set_protection_state(a.protection, a.previous_state)
 
@@ -186,19 +191,28 @@ class DrActivities:
 
     @activity.defn(name="failover.boot")
     async def boot(self, inp: ProductionBoot) -> Instance:
-        """Boot the point as the production VM (tracking changes from its first
-        instruction) and record the failover: state FAILED_OVER in the same write."""
+        """Boot one VM of the point as production (tracking changes from its first
+        instruction) and record it: the first VM's record moves the protection to
+        FAILED_OVER in the same write (from then on the failover stands); a group's
+        later VMs are added to that record."""
 
         def run() -> Instance:
             cat = self.ctx.catalog
             with permanent():
-                existing = cat.get_dr_record(inp.protection)
-                if existing is not None:
-                    done = FailoverRecord.model_validate_json(existing)
-                    if done.point_id == inp.point_id and done.instance.name == inp.name:
-                        return done.instance  # a retry after the record was written
                 rec = cat.get_protection(inp.protection)
-                if rec.state != S.FAILING_OVER:
+                wl = _workload(rec.workloads, inp.vm)
+                existing = cat.get_dr_record(inp.protection)
+                record = FailoverRecord.model_validate_json(existing) if existing else None
+                if record is not None:
+                    done = next((v for v in record.vms if v.vm == wl.name), None)
+                    if record.point_id == inp.point_id and done and done.instance.name == inp.name:
+                        return done.instance  # a retry after the record was written
+                    if record.point_id != inp.point_id:
+                        raise PermanentError(
+                            f"protection {inp.protection!r} is already failed over from point "
+                            f"{record.point_id}; this failover (point {inp.point_id}) was "
+                            "cancelled")
+                elif rec.state != S.FAILING_OVER:
                     raise PermanentError(
                         f"protection {inp.protection!r} is {rec.state.value}; the failover "
                         "that booted this was cancelled")
@@ -206,18 +220,32 @@ class DrActivities:
                 target = self.ctx.target(rec.spec.target_platform)
                 instance = target.boot(point, BootSpec(
                     name=inp.name, network=inp.network, isolated=False,
-                    workload=rec.workloads[0], production=True,
+                    workload=wl, production=True,
                     tracking_name=f"transcend.{tracking_protection(inp.protection)}.failover",
                     network_map=rec.spec.policy.network_map,
                 ))
-                record = FailoverRecord(
-                    protection=inp.protection, point_id=point.id, planned=inp.planned,
-                    instance=instance, source_vm=rec.workloads[0].ref.id,
-                    failed_over_at=datetime.now(UTC),
-                    final_cycle=inp.final_cycle, source_was_running=inp.source_was_running,
-                )
-                cat.put_dr_record(inp.protection, record.model_dump_json(), state=S.FAILED_OVER)
+                vm = FailedOverVm(vm=wl.name, source_vm=wl.ref.id, instance=instance,
+                                  source_was_running=inp.source_was_running)
+                if record is None:
+                    record = FailoverRecord(
+                        protection=inp.protection, point_id=point.id, planned=inp.planned,
+                        failed_over_at=datetime.now(UTC), final_cycle=inp.final_cycle, vms=[vm])
+                    cat.put_dr_record(inp.protection, record.model_dump_json(),
+                                      state=S.FAILED_OVER)
+                else:
+                    record.vms.append(vm)
+                    cat.put_dr_record(inp.protection, record.model_dump_json())
                 return instance
+
+        return await in_thread(run)
+
+    @activity.defn(name="failover.record")
+    async def record(self, protection: str) -> FailoverRecord | None:
+        """The failover record, if any VM was booted as production (the failover stands)."""
+
+        def run() -> FailoverRecord | None:
+            data = self.ctx.catalog.get_dr_record(protection)
+            return FailoverRecord.model_validate_json(data) if data else None
 
         return await in_thread(run)
 
@@ -248,8 +276,9 @@ class DrActivities:
         def run() -> None:
             with permanent():
                 prot = self.ctx.catalog.get_protection(protection)
-                _kvm(self.ctx, prot.spec.source_platform, "source").stop_leftover_paused(
-                    prot.workloads[0].ref.id)
+                source = _kvm(self.ctx, prot.spec.source_platform, "source")
+                for wl in prot.workloads:
+                    source.stop_leftover_paused(wl.ref.id)
                 if prot.state == S.FAILING_BACK:
                     self.ctx.catalog.set_protection_state(protection, S.FAILED_OVER)
 
@@ -290,57 +319,65 @@ class DrActivities:
         t0 = time.monotonic()
         with permanent():
             record = record_of(self.ctx, inp.protection)
+            fovm = _failed_over_vm(record, inp.vm)
             prot = cat.get_protection(inp.protection)
             original = _kvm(self.ctx, prot.spec.source_platform, "source")
             failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
-            orig_wl = original.workload(prot.workloads[0].ref.id)
+            orig_wl = original.workload(fovm.source_vm)
             if orig_wl.power_state == "paused" and original.paused_by_us(orig_wl.ref.id):
                 pass  # an attempt that died while reading its tracking; taken over below
             elif orig_wl.power_state != "shutoff":
                 raise PermanentError(
                     f"the original VM {orig_wl.name!r} is {orig_wl.power_state}; it must stay "
                     "shut off while the failback writes its disks")
-            fo_wl = failed_over.workload(record.instance.id)
+            fo_wl = failed_over.workload(fovm.instance.id)
             if len(fo_wl.disks) != len(orig_wl.disks):
                 raise PermanentError(
                     f"the failed-over VM has {len(fo_wl.disks)} disks, the original "
                     f"{len(orig_wl.disks)}; failback needs the same disks")
-            if record.original_synced and orig_wl.power_state == "paused":
+            if fovm.original_synced and orig_wl.power_state == "paused":
                 original.stop_leftover_paused(orig_wl.ref.id)
-            orig_dirty, mode = self._original_changes(record, orig_wl, original, pass_id)
-            since_token = record.failback_checkpoint or record.instance.tracking
+            orig_dirty, mode = self._original_changes(
+                record, fovm, group=len(prot.workloads) > 1, orig_wl=orig_wl, original=original,
+                pass_id=pass_id)
+            since_token = fovm.failback_checkpoint or fovm.instance.tracking
             since = {d.id: Checkpoint(disk=d.id, token=since_token, identity=fo_wl.ref.id)
                      for d in fo_wl.disks}
             frozen = failed_over.freeze(tracking_protection(inp.protection), pass_id, [fo_wl],
                                         since, FreezeOptions(offline_ok=True))
             assert isinstance(frozen, KvmFrozen)  # one VM
-        result = FailbackPass(protection=inp.protection, final=inp.final, mode=mode)
+        result = FailbackPass(protection=inp.protection, vm=fovm.vm, final=inp.final, mode=mode)
         try:
             with open_disks(original, orig_wl.ref.id, readonly=False) as dsts:
                 for fo_disk, orig_disk, dst in zip(fo_wl.disks, orig_wl.disks, dsts, strict=True):
                     self._sync_disk(frozen, fo_disk.id, orig_disk.id, dst, orig_dirty, result, live)
             # The record first: a crash before the release leaves both checkpoints, and
             # the retry reads from the new one (its bitmap already exists).
-            record.failback_checkpoint = frozen.handle.data["new_checkpoint"]
-            record.original_synced = True
+            fovm.failback_checkpoint = frozen.handle.data["new_checkpoint"]
+            fovm.original_synced = True
             cat.put_dr_record(inp.protection, record.model_dump_json())
         except BaseException:
             frozen.release(committed=False)
             raise
         frozen.release(committed=True)
-        result.checkpoint = record.failback_checkpoint
+        result.checkpoint = fovm.failback_checkpoint
         result.seconds = time.monotonic() - t0
         return result
 
-    def _original_changes(self, record: FailoverRecord, orig_wl: Workload, original: KvmSource,
-                          pass_id: str) -> tuple[dict[str, list[tuple[int, int, int]]] | None, Mode]:
+    def _original_changes(self, record: FailoverRecord, fovm: FailedOverVm, *, group: bool,
+                          orig_wl: Workload, original: KvmSource, pass_id: str
+                          ) -> tuple[dict[str, list[tuple[int, int, int]]] | None, Mode]:
         """What the original VM wrote after the point it was failed over from, from its
         own change tracking; None (compare hashes instead) when that is unknown."""
-        if record.original_synced:
+        if fovm.original_synced:
             return {}, "tracked"
         cat = self.ctx.catalog
         latest = cat.latest_point(record.protection)
         cps = cat.checkpoints(record.protection)
+        if group:  # a group's checkpoints are kept as <VM>/<disk>: this VM's, by its disks
+            prefix = f"{fovm.vm}/"
+            cps = {k.removeprefix(prefix): cp.model_copy(update={"disk": k.removeprefix(prefix)})
+                   for k, cp in cps.items() if k.startswith(prefix)}
         if latest is None or latest.id != record.point_id or not cps:
             # An older point was recovered: the original's checkpoint is newer than it.
             return None, "hash-compare"
@@ -408,15 +445,18 @@ class DrActivities:
                 prot = self.ctx.catalog.get_protection(protection)
                 original = _kvm(self.ctx, prot.spec.source_platform, "source")
                 failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
-                with open_disks(original, prot.workloads[0].ref.id, readonly=True) as a, \
-                        open_disks(failed_over, record.instance.id, readonly=True) as b:
-                    diffs = []
-                    for x, y in zip(a, b, strict=True):
-                        hx, hy = export_sha256(x.uri), export_sha256(y.uri)
-                        if hx != hy:
-                            diffs.append(f"{x.disk}: original {hx[:16]} != failed-over {hy[:16]}")
+                diffs, disks = [], 0
+                for v in record.vms:
+                    with open_disks(original, v.source_vm, readonly=True) as a, \
+                            open_disks(failed_over, v.instance.id, readonly=True) as b:
+                        for x, y in zip(a, b, strict=True):
+                            disks += 1
+                            hx, hy = export_sha256(x.uri), export_sha256(y.uri)
+                            if hx != hy:
+                                diffs.append(f"{v.vm} {x.disk}: original {hx[:16]} != "
+                                             f"failed-over {hy[:16]}")
             return FailbackVerify(protection=protection, identical=not diffs,
-                                  detail="; ".join(diffs) or f"{len(a)} disk(s) identical")
+                                  detail="; ".join(diffs) or f"{disks} disk(s) identical")
 
         return await in_thread(run)
 
@@ -436,16 +476,47 @@ class DrActivities:
                         return  # a retry after the record was cleared
                     raise
                 if not inp.keep_failed_over:
-                    self.ctx.target(prot.spec.target_platform).destroy(record.instance)
+                    target = self.ctx.target(prot.spec.target_platform)
+                    for v in reversed(record.vms):
+                        target.destroy(v.instance)
                 if inp.start_original:
-                    _kvm(self.ctx, prot.spec.source_platform, "source").power_on(
-                        prot.workloads[0].ref.id)
+                    # In the failover's boot order; a group VM that never booted at the
+                    # target (a failover that stopped part-way) gets its original back too.
+                    source = _kvm(self.ctx, prot.spec.source_platform, "source")
+                    booted = [v.source_vm for v in record.vms]
+                    for ref in booted + [w.ref.id for w in prot.workloads if w.ref.id not in booted]:
+                        source.power_on(ref)
                 try:
                     cat.clear_dr_record(inp.protection, state=S.PROTECTING)
                 except CatalogError as e:
                     raise PermanentError(str(e)) from e
 
         await in_thread(run)
+
+
+def production_name(vm: str, prefix: str, *, group: bool, same_host: bool) -> str:
+    """A VM's name at the target: the request's name (a prefix for a group's VMs), else
+    the source VM's name, with ``-dr`` when the source VM keeps its name on that host."""
+    if prefix:
+        return f"{prefix}-{vm}" if group else prefix
+    return f"{vm}-dr" if same_host else vm
+
+
+def _workload(workloads: list[Workload], vm: str) -> Workload:
+    if not vm:
+        return workloads[0]
+    for w in workloads:
+        if w.name == vm:
+            return w
+    raise PermanentError(f"no VM {vm!r} in this protection; its VMs: "
+                         f"{', '.join(w.name for w in workloads)}")
+
+
+def _failed_over_vm(record: FailoverRecord, vm: str) -> FailedOverVm:
+    try:
+        return record.vm(vm)
+    except KeyError as e:
+        raise PermanentError(str(e)) from e
 
 
 def _hint(state: ProtectionState) -> str:

@@ -60,18 +60,7 @@ class FailoverActivities:
         def run() -> list[BootTier]:
             with permanent():
                 vms = [w.name for w in self.ctx.catalog.get_protection(inp.protection).workloads]
-            if not inp.boot_order:
-                return [BootTier(vms=[vm]) for vm in vms]
-            ordered = [vm for tier in inp.boot_order for vm in tier.vms]
-            unknown = sorted(set(ordered) - set(vms))
-            twice = sorted({vm for vm in ordered if ordered.count(vm) > 1})
-            missing = [vm for vm in vms if vm not in ordered]
-            if unknown or twice or missing:
-                raise ApplicationError(
-                    f"boot order of {inp.protection!r} must name each of its VMs ({', '.join(vms)}) "
-                    f"exactly once: unknown {unknown}, twice {twice}, missing {missing}",
-                    type="WrongInput", non_retryable=True)
-            return inp.boot_order
+            return boot_tiers(inp.protection, vms, inp.boot_order)
 
         return await in_thread(run)
 
@@ -114,6 +103,23 @@ class FailoverActivities:
                 self.ctx.target(rec.spec.target_platform).destroy(inp.instance)
 
         await in_thread(run)
+
+
+def boot_tiers(protection: str, vms: list[str], boot_order: list[BootTier]) -> list[BootTier]:
+    """``boot_order`` checked against the protection's VMs (each exactly once), or one
+    tier per VM in the protection's order when none is given."""
+    if not boot_order:
+        return [BootTier(vms=[vm]) for vm in vms]
+    ordered = [vm for tier in boot_order for vm in tier.vms]
+    unknown = sorted(set(ordered) - set(vms))
+    twice = sorted({vm for vm in ordered if ordered.count(vm) > 1})
+    missing = [vm for vm in vms if vm not in ordered]
+    if unknown or twice or missing:
+        raise ApplicationError(
+            f"boot order of {protection!r} must name each of its VMs ({', '.join(vms)}) "
+            f"exactly once: unknown {unknown}, twice {twice}, missing {missing}",
+            type="WrongInput", non_retryable=True)
+    return boot_order
 
 
 def _read_text(path: Path) -> str:

@@ -20,20 +20,17 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
-import libvirt
 import pytest
-from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
-from temporalio.common import WorkflowIDReusePolicy
+from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from tests.harness.dr import domain_active, refused, remove_domain
 from tests.harness.guest import BOOT_MARKER, GuestImage
 from tests.harness.libvirtd import traversable, wait_for_console
 from tests.harness.protect import (
     add_kvm_platforms,
     booted_guest,
-    failure_text,
     images_identical,
     point_path,
     protection_spec,
@@ -58,31 +55,6 @@ BOOT_TIMEOUT = 240
 BOOTED = rf"^{BOOT_MARKER} seq=(\d+)"
 
 
-def _active(name: str) -> bool:
-    """Whether the domain exists and runs."""
-    conn = libvirt.open("qemu:///system")
-    try:
-        return bool(conn.lookupByName(name).isActive())
-    except libvirt.libvirtError:
-        return False
-    finally:
-        conn.close()
-
-
-def _remove_domain(name: str) -> None:
-    """The failed-over VM the tests keep (keep_failed_over) or leave after a failure."""
-    conn = libvirt.open("qemu:///system")
-    try:
-        dom = conn.lookupByName(name)
-        if dom.isActive():
-            dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
-
-
 def _written_top(image: Path) -> int:
     """Bytes the top layer of a qcow2 holds: data clusters and zero clusters alike.
 
@@ -93,13 +65,6 @@ def _written_top(image: Path) -> int:
     out = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(image)],
                          capture_output=True, text=True, check=True).stdout
     return sum(e["length"] for e in json.loads(out) if e.get("depth") == 0)
-
-
-async def _refused(client: Client, workflow: str, inp: Any, wid: str) -> str:
-    with pytest.raises(WorkflowFailureError) as e:
-        await client.execute_workflow(workflow, inp, id=wid, task_queue=CONTROL_TASK_QUEUE,
-                                      id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
-    return failure_text(e.value)
 
 
 async def _failback_exact(client: Client, stack: Stack, protection: str, record: api.FailoverRecord,
@@ -115,7 +80,7 @@ async def _failback_exact(client: Client, stack: Stack, protection: str, record:
     stack.start_worker()
     result: api.FailbackStatus = await asyncio.wait_for(fb.result(), 900)
     assert result.phase == "done", result
-    assert not _active(record.instance.name), "the failed-over VM must be shut off"
+    assert not domain_active(record.instance.name), "the failed-over VM must be shut off"
     overlay = Path(record.instance.overlays[0])
     same, detail = images_identical(original_disk, overlay)
     assert same, f"original and failed-over disks differ after failback: {detail}"
@@ -131,7 +96,7 @@ def test_migration_is_lossless_and_failback_writes_back_only_changes(
         with traversable(tmp_path):
             asyncio.run(_migration(guest_image, stack, tmp_path, vm))
     finally:
-        _remove_domain(f"{vm}-dr")
+        remove_domain(f"{vm}-dr")
 
 
 async def _migration(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: str) -> None:
@@ -146,7 +111,7 @@ async def _migration(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         assert st.cycles_failed == 0, st.last_error
 
         # Failback before any failover is refused and changes nothing.
-        text = await _refused(client, api.FAILBACK_WORKFLOW, api.FailbackInput(protection=p),
+        text = await refused(client, api.FAILBACK_WORKFLOW, api.FailbackInput(protection=p),
                               api.failback_id(p))
         assert "not failed over" in text or "only a failed-over protection" in text, text
         assert cat.get_protection(p).state == ProtectionState.PROTECTING
@@ -188,13 +153,13 @@ async def _migration(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         assert rs.health_reason.startswith("failed_over")
         memo = await (await replication.describe()).memo_value("summary")
         assert isinstance(memo, str) and ": failed_over, warning (failed_over:" in memo, memo
-        text = await _refused(client, api.FAILOVER_WORKFLOW, api.FailoverInput(protection=p),
+        text = await refused(client, api.FAILOVER_WORKFLOW, api.FailoverInput(protection=p),
                               api.failover_id(p))
         assert "already runs at the target" in text, text
         with pytest.raises(WorkflowUpdateFailedError):
             await replication.execute_update("sync_now", result_type=ReplicationStatus)
         assert cat.get_protection(p).state == ProtectionState.FAILED_OVER
-        assert _active(name)
+        assert domain_active(name)
 
         # Production runs at the target for a while, then comes home.
         wait_for_console(done.instance.console_log, rf"{BOOT_MARKER}", 5)
@@ -247,7 +212,7 @@ def test_unplanned_failover_then_failback_merges_both_sides(
         with traversable(tmp_path):
             asyncio.run(_unplanned(guest_image, stack, tmp_path, vm))
     finally:
-        _remove_domain(f"{vm}-dr")
+        remove_domain(f"{vm}-dr")
 
 
 async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: str) -> None:
@@ -265,13 +230,13 @@ async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         at_point = check_contiguous(read_records(point_path(point)))
 
         # A failover to a point that is not the protection's is refused, nothing changes.
-        text = await _refused(client, api.FAILOVER_WORKFLOW,
+        text = await refused(client, api.FAILOVER_WORKFLOW,
                               api.FailoverInput(protection=p, point_id="nope"), api.failover_id(p))
         assert "nope" in text
         assert cat.get_protection(p).state == ProtectionState.PROTECTING and dom.isActive()
 
         # A runbook step that fails before the boot stops the failover, which is undone.
-        text = await _refused(
+        text = await refused(
             client, api.FAILOVER_WORKFLOW,
             api.FailoverInput(protection=p, final_cycle=False, shutdown_source=False,
                               name=f"{vm}-dr", runbook=[api.RunbookStep(
@@ -280,7 +245,7 @@ async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
             api.failover_id(p))
         assert "check dns" in text and "no dns" in text and "exit 7" in text, text
         assert cat.get_protection(p).state == ProtectionState.PROTECTING and dom.isActive()
-        assert not _active(f"{vm}-dr") and cat.get_dr_record(p) is None
+        assert not domain_active(f"{vm}-dr") and cat.get_dr_record(p) is None
 
         # Disaster: no final cycle. The source keeps writing past the point until the
         # failover powers it off (longer than the failed-over guest will write, so the

@@ -10,10 +10,7 @@ and each recovered VM must announce exactly the records its disk had in the poin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import threading
-import time
 from pathlib import Path
 
 import libvirt
@@ -21,6 +18,7 @@ import pytest
 
 from tests.harness.guest import BOOT_MARKER, GuestImage
 from tests.harness.libvirtd import traversable, wait_for_console
+from tests.harness.lifecycle import Lifecycle, together
 from tests.harness.protect import (
     add_kvm_platforms,
     booted_guest,
@@ -40,67 +38,6 @@ from transcend.api import CONTROL_TASK_QUEUE, BootTier, HealthCheck
 pytestmark = [pytest.mark.guest]
 
 BOOTED = rf"^{BOOT_MARKER} seq=(\d+)"
-
-
-_event_loop: threading.Thread | None = None
-
-
-def _ensure_event_loop() -> None:
-    """libvirt's default event loop, run by a thread until the process ends. Once it is
-    registered, every later connection of this process (other tests' too) negotiates
-    keepalive, so the loop must never stop: a connection whose keepalives go
-    unanswered is closed by libvirtd ("Cannot write data: Broken pipe")."""
-    global _event_loop
-    if _event_loop is None:
-        libvirt.virEventRegisterDefaultImpl()
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        _event_loop = threading.Thread(target=run, name="libvirt-events", daemon=True)
-        _event_loop.start()
-
-
-class Lifecycle:
-    """Suspend/resume events of some domains, timestamped as they arrive."""
-
-    def __init__(self, names: set[str]) -> None:
-        _ensure_event_loop()
-        self.names = names
-        self.events: list[tuple[float, str, int]] = []
-        self.conn = libvirt.open("qemu:///system")
-        self._cb = self.conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
-
-    def _on_event(self, _conn: object, dom: libvirt.virDomain, event: int, _detail: int,
-                  _opaque: object) -> None:
-        if dom.name() in self.names and event in (libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
-                                                  libvirt.VIR_DOMAIN_EVENT_RESUMED):
-            self.events.append((time.monotonic(), dom.name(), event))
-
-    def paused_windows(self, name: str) -> list[tuple[float, float]]:
-        windows, start = [], None
-        for t, n, ev in self.events:
-            if n != name:
-                continue
-            if ev == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
-                start = t
-            elif start is not None:
-                windows.append((start, t))
-                start = None
-        return windows
-
-    def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            self.conn.domainEventDeregisterAny(self._cb)
-        with contextlib.suppress(libvirt.libvirtError):
-            self.conn.close()
-
-
-def _together(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> bool:
-    """Some pause of ``a`` overlaps some pause of ``b``."""
-    return any(max(s1, s2) < min(e1, e2) for s1, e1 in a for s2, e2 in b)
 
 
 @pytest.mark.timeout(1500)
@@ -136,7 +73,7 @@ async def _group(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
             assert sorted(d.disk for d in point.disks) == [f"{a}/vda", f"{b}/vda"]
             wa, wb = events.paused_windows(a), events.paused_windows(b)
             assert len(wa) >= 2 and len(wb) >= 2, (wa, wb)  # one pause per cycle
-            assert _together(wa[-1:], wb[-1:]), ("not paused together", wa, wb)
+            assert together(wa[-1:], wb[-1:]), ("not paused together", wa, wb)
             seq = {vm: check_contiguous(read_records(point_path(point, f"{vm}/vda"))) for vm in (a, b)}
             assert all(n > 0 for n in seq.values()), seq
             assert (await verify_point(client, point.id)).ok

@@ -39,6 +39,7 @@ VERIFY_WORKFLOW = "VerifyPoint"
 BOOT_WORKFLOW = "BootPoint"
 TEST_FAILOVER_WORKFLOW = "TestFailover"
 RECOVER_VM_WORKFLOW = "RecoverVm"
+PRODUCTION_VM_WORKFLOW = "ProductionVm"
 FAILOVER_WORKFLOW = "Failover"
 MIGRATION_WORKFLOW = "Migration"
 FAILBACK_WORKFLOW = "Failback"
@@ -517,10 +518,14 @@ class FailoverInput(Model):
     force_off: bool = Field(default=True, description="power the source off when it does not "
                             "shut down within the timeout (a Migration never forces)")
     name: str = Field(default="", pattern=VM_NAME, description="production VM name at the "
-                      "target; default the source VM's name (with -dr on the same host)")
+                      "target; default the source VM's name (with -dr on the same host). "
+                      "For a group, a prefix: <name>-<VM>")
     network: str = Field(default="", description="production network at the target; default "
                          "the source NICs' networks")
     health: HealthCheck = Field(default_factory=lambda: HealthCheck(kind="none"))
+    boot_order: list[BootTier] = Field(default_factory=list, description="groups: the tiers; "
+                                       "default one tier per VM in the protection's order. "
+                                       "Sources shut down in the reverse order")
     runbook: list[RunbookStep] = Field(default_factory=list)
 
 
@@ -530,9 +535,13 @@ class FailoverPlan(Model):
     protection: str
     source: PlatformInfo
     target: PlatformInfo
-    workload: Workload
-    name: str
+    workloads: list[Workload]
+    names: dict[str, str] = Field(description="VM (workload name) -> production name at the target")
+    tiers: list[BootTier]
     previous_state: ProtectionState = ProtectionState.PROTECTING
+
+    def workload(self, vm: str) -> Workload:
+        return next(w for w in self.workloads if w.name == vm)
 
 
 class FailoverAbort(Model):
@@ -541,7 +550,8 @@ class FailoverAbort(Model):
 
     protection: str
     previous_state: ProtectionState
-    restart_source: bool = False
+    restart_vms: list[str] = Field(default_factory=list, description="source VMs (platform ids) "
+                                   "the failover shut down, started again")
 
 
 class SourcePower(Model):
@@ -554,6 +564,7 @@ class SourcePower(Model):
 class ProductionBoot(Model):
     protection: str
     point_id: str
+    vm: str = Field(default="", description="the workload's name; empty: the only one")
     name: str
     network: str = ""
     planned: bool
@@ -561,21 +572,54 @@ class ProductionBoot(Model):
     source_was_running: bool = True
 
 
-class FailoverRecord(Model):
-    """Kept in the catalog while a protection is failed over (what failback needs)."""
+class ProductionVmInput(Model):
+    """One VM of a failover booted as production and health-checked (a child workflow
+    of Failover/Migration, one per VM, so a group's VMs show, retry and fail separately)."""
 
-    protection: str
-    point_id: str
-    planned: bool
+    boot: ProductionBoot
+    health: HealthCheck
+    target_queue: str
+
+
+class FailedOverVm(Model):
+    """One VM of a failed-over protection: the production VM at the target and its
+    original, with the failback's progress for it."""
+
+    vm: str = Field(description="the workload's name in the protection")
+    source_vm: str = Field(description="the original VM (platform id)")
     instance: Instance
-    source_vm: str = Field(default="", description="the original VM (platform id)")
-    failed_over_at: datetime
-    final_cycle: str = Field(default="", description="outcome of the final cycle")
     source_was_running: bool = True
     # failback progress: the failed-over VM's checkpoint the next pass starts from, and
     # whether the original's own changes after the point were already overwritten
     failback_checkpoint: str = ""
     original_synced: bool = False
+
+
+class FailoverRecord(Model):
+    """Kept in the catalog while a protection is failed over (what failback needs). The
+    VMs are in boot order; a group whose later tiers did not boot lists only those that
+    did (the failover stands from the first production boot)."""
+
+    protection: str
+    point_id: str
+    planned: bool
+    failed_over_at: datetime
+    final_cycle: str = Field(default="", description="outcome of the final cycle")
+    vms: list[FailedOverVm] = Field(min_length=1)
+
+    @property
+    def instance(self) -> Instance:
+        """The first production VM (the only one outside groups)."""
+        return self.vms[0].instance
+
+    def vm(self, name: str) -> FailedOverVm:
+        if not name:
+            return self.vms[0]
+        for v in self.vms:
+            if v.vm == name:
+                return v
+        raise KeyError(f"VM {name!r} was not failed over; failed over: "
+                       f"{', '.join(v.vm for v in self.vms)}")
 
 
 class FailoverStatus(Model):
@@ -585,7 +629,10 @@ class FailoverStatus(Model):
                    "health-check", "done", "compensating", "failed"] = "checking"
     point_id: str | None = None
     final_cycle: str = ""
-    instance: Instance | None = None
+    instance: Instance | None = Field(default=None, description="the first production VM")
+    vms: list[RecoveredVm] = Field(default_factory=list, description="every VM booted, "
+                                   "in boot order, with when it booted and passed its check")
+    tier: int = Field(default=0, description="the boot tier being booted")
     started_at: datetime | None = None
     rto_seconds: float | None = None
     error: str = ""
@@ -613,6 +660,7 @@ class FailbackPass(Model):
     """One sync of the failed-over VM into the original VM's disks."""
 
     protection: str
+    vm: str = ""
     final: bool
     mode: Literal["tracked", "hash-compare"] = "tracked"
     failed_over_bytes: int = 0
@@ -628,6 +676,7 @@ class FailbackPass(Model):
 
 class FailbackSyncInput(Model):
     protection: str
+    vm: str = Field(default="", description="the workload's name; empty: the only one")
     final: bool = False
 
 

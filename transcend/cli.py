@@ -37,6 +37,7 @@ from transcend.api import (
     VERIFY_WORKFLOW,
     BootInput,
     BootResult,
+    BootTier,
     FailbackInput,
     FailbackStatus,
     FailoverInput,
@@ -489,16 +490,20 @@ async def policy(name: str, rpo: str | None, retention: str | None, continuous: 
 @click.option("--health-timeout", default="10m", show_default=True)
 @click.option("--keep", default="4h", show_default=True, help="clean up by itself after this long")
 @click.option("--network", default="", help="target network (default: isolated)")
+@click.option("--tier", "tiers", multiple=True, metavar="VM[,VM...][@DELAY]",
+              help="groups: a boot tier, in order (repeat); its VMs boot together, the next "
+                   "tier after their health checks and DELAY (e.g. db@30s, app,web)")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the health check")
 @run_async
 async def test_failover(protection: str, point_id: str | None, console_pattern: str,
-                        health_timeout: str, keep: str, network: str, wait: bool) -> None:
+                        health_timeout: str, keep: str, network: str, tiers: tuple[str, ...],
+                        wait: bool) -> None:
     """Boot a point as a throw-away VM in an isolated network and measure the RTO.
     Replication continues; `transcend cleanup PROTECTION` ends the test."""
     try:
         inp = TestFailoverInput(
             protection=protection, point_id=point_id, network=network,
-            keep_seconds=parse_duration(keep),
+            keep_seconds=parse_duration(keep), boot_order=parse_tiers(tiers),
             health=HealthCheck(kind="console" if console_pattern else "none", pattern=console_pattern,
                                timeout_seconds=parse_duration(health_timeout)),
         )
@@ -551,6 +556,18 @@ async def cleanup(protection: str) -> None:
                f"{st.rto_seconds:.1f}s)" if st.rto_seconds is not None else f"{protection}: cleaned up")
 
 
+def parse_tiers(tiers: tuple[str, ...]) -> list[BootTier]:
+    """``--tier db@30s --tier app,web`` -> boot tiers (empty: the protection's order)."""
+    out = []
+    for t in tiers:
+        vms, _, delay = t.partition("@")
+        names = [v.strip() for v in vms.split(",") if v.strip()]
+        if not names:
+            raise ValueError(f"--tier {t!r} names no VM; write VM[,VM...][@DELAY]")
+        out.append(BootTier(vms=names, delay_seconds=parse_duration(delay) if delay else 0))
+    return out
+
+
 def _health(console_pattern: str, health_timeout: str) -> HealthCheck:
     return HealthCheck(kind="console" if console_pattern else "none", pattern=console_pattern,
                        timeout_seconds=parse_duration(health_timeout))
@@ -597,7 +614,7 @@ async def _start_failover(workflow: str, inp: FailoverInput, wait: bool) -> None
     if not wait:
         return
     st: FailoverStatus = await _follow(handle, FailoverStatus, _failover_line)
-    vm = st.instance.name if st.instance else "?"
+    vm = ", ".join(v.instance.name for v in st.vms) or (st.instance.name if st.instance else "?")
     rto = f"RTO {st.rto_seconds:.1f}s" if st.rto_seconds is not None else ""
     click.echo(f"{inp.protection}: production now runs as {vm} from point {st.point_id}; {rto}")
     if st.error:
@@ -612,6 +629,9 @@ _failover_options = [
     click.option("--console-pattern", default="", help="health check: regex on the serial console"),
     click.option("--health-timeout", default="10m", show_default=True),
     click.option("--shutdown-timeout", default="5m", show_default=True),
+    click.option("--tier", "tiers", multiple=True, metavar="VM[,VM...][@DELAY]",
+                 help="groups: a boot tier, in order (repeat); sources shut down in the "
+                      "reverse order"),
     click.option("--wait/--no-wait", default=True, show_default=True),
 ]
 
@@ -634,11 +654,13 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
 @run_async
 async def failover(protection: str, point_id: str | None, final_cycle: bool,
                    shutdown_source: bool, name: str, network: str, console_pattern: str,
-                   health_timeout: str, shutdown_timeout: str, wait: bool) -> None:
-    """Unplanned failover: run the protection's VM at the target from a point."""
+                   health_timeout: str, shutdown_timeout: str, tiers: tuple[str, ...],
+                   wait: bool) -> None:
+    """Unplanned failover: run the protection's VMs at the target from a point."""
     try:
         inp = FailoverInput(protection=protection, point_id=point_id, final_cycle=final_cycle,
                             shutdown_source=shutdown_source, name=name, network=network,
+                            boot_order=parse_tiers(tiers),
                             shutdown_timeout_seconds=parse_duration(shutdown_timeout),
                             health=_health(console_pattern, health_timeout))
     except (ValidationError, ValueError) as e:
@@ -652,11 +674,13 @@ async def failover(protection: str, point_id: str | None, final_cycle: bool,
 @_with(_failover_options)
 @run_async
 async def migrate(protection: str, name: str, network: str, console_pattern: str,
-                  health_timeout: str, shutdown_timeout: str, wait: bool) -> None:
+                  health_timeout: str, shutdown_timeout: str, tiers: tuple[str, ...],
+                  wait: bool) -> None:
     """Planned migration: shut the source down cleanly, replicate the last changes, run
-    the VM at the target. Nothing the guest wrote is lost."""
+    the VMs at the target. Nothing the guests wrote is lost."""
     try:
         inp = FailoverInput(protection=protection, planned=True, name=name, network=network,
+                            boot_order=parse_tiers(tiers),
                             shutdown_timeout_seconds=parse_duration(shutdown_timeout),
                             health=_health(console_pattern, health_timeout))
     except (ValidationError, ValueError) as e:

@@ -9,6 +9,13 @@ the final cycle holds every write the guest made. Until the production VM is
 booted, a failure undoes everything (state, schedule, source power); after it,
 the failover stands and a failed health check is reported, not rolled back.
 
+A consistency group (a protection of several VMs) fails over in its boot order:
+tiers one after the other, the VMs of a tier together, each a ``ProductionVm``
+child workflow (boot + its health check); its sources shut down in the reverse
+order. The failover stands from the first production boot: a later tier that fails
+leaves the VMs that booted running and the protection failed over, for the operator
+to fix or fail back.
+
 Failback: sync the failed-over VM into the original VM's own disks (the first pass
 writes the union of both sides' changes since the point), optionally repeat until
 the ``migrate`` signal, then shut the failed-over VM down, a final pass, compare,
@@ -19,6 +26,7 @@ Deterministic: no I/O, clock or randomness but Temporal's.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +42,8 @@ with workflow.unsafe.imports_passed_through():
         FAILBACK_WORKFLOW,
         FAILOVER_WORKFLOW,
         MIGRATION_WORKFLOW,
+        PRODUCTION_VM_WORKFLOW,
+        BootTier,
         CycleInput,
         CycleOutcome,
         DrStateSignal,
@@ -50,7 +60,9 @@ with workflow.unsafe.imports_passed_through():
         FailoverStatus,
         PauseInput,
         ProductionBoot,
+        ProductionVmInput,
         ProtectionView,
+        RecoveredVm,
         SourcePower,
         TestFailoverInput,
         cycle_id_prefix,
@@ -92,6 +104,17 @@ async def _tell_replication(protection: str, state: ProtectionState, reason: str
 ALERT_GRACE = timedelta(minutes=1)  # alerts still retried when the operation ends
 
 
+class _Unhealthy(RecoveredVm):
+    """A VM that booted as production but failed its health check (workflow-internal)."""
+
+    error: str = ""
+
+
+def _failure_type(e: ChildWorkflowError) -> str:
+    cause = e.cause
+    return cause.type or "" if isinstance(cause, ApplicationError) else ""
+
+
 def _alert(queue: AlertQueue, kind: str, protection: str, severity: str, message: str,
            details: dict[str, Any]) -> None:
     queue.put(Alert.model_validate({
@@ -115,12 +138,12 @@ class _Failover:
                 _alert(self._alerts, "failover_finished", inp.protection, "critical",
                        f"{what} of {inp.protection!r} failed: {st.error}. "
                        + ("It was undone; production still runs at the source."
-                          if st.phase == "failed" and st.instance is None else
+                          if st.phase == "failed" and not st.vms else
                           "Production runs at the target; check the VM and its health check."),
                        st.model_dump(mode="json"))
             await self._alerts.drained(timeout=ALERT_GRACE)
             raise
-        vm = st.instance.name if st.instance else "?"
+        vm = ", ".join(v.instance.name for v in st.vms) or "?"
         _alert(self._alerts, "failover_finished", inp.protection, "info",
                f"{what} of {inp.protection!r} finished: production runs as {vm} from point "
                f"{st.point_id}, RTO {st.rto_seconds:.0f}s. Fail back with "
@@ -145,10 +168,7 @@ class _Failover:
                {"workflow_id": workflow.info().workflow_id, "planned": inp.planned})
         source_q = site_task_queue(plan.source.site)
         target_q = site_task_queue(plan.target.site)
-        power = SourcePower(platform=plan.source.name, vm=plan.workload.ref.id,
-                            timeout_seconds=inp.shutdown_timeout_seconds,
-                            force=inp.force_off and not inp.planned)
-        source_was_running = False
+        was_running: list[str] = []  # source VMs this failover shut down (platform ids)
         try:
             st.phase = "pausing"
             await workflow.execute_activity(
@@ -160,22 +180,20 @@ class _Failover:
                 retry_policy=SHORT["retry_policy"])
             if inp.planned:
                 st.phase = "shutdown-source"
-                source_was_running = await workflow.execute_activity(
-                    "source.power_off", power, result_type=bool, task_queue=source_q,
-                    **_power(inp.shutdown_timeout_seconds))
+                errors = await self._shutdown_sources(inp, plan, source_q, was_running)
+                if errors:
+                    raise ApplicationError("; ".join(errors), type="ShutdownFailed",
+                                           non_retryable=True)
             if inp.planned or inp.final_cycle:
                 st.phase = "final-cycle"
                 st.final_cycle = await self._final_cycle(p, required=inp.planned)
             if not inp.planned and inp.shutdown_source:
                 st.phase = "shutdown-source"
-                try:
-                    source_was_running = await workflow.execute_activity(
-                        "source.power_off", power, result_type=bool, task_queue=source_q,
-                        **_power(inp.shutdown_timeout_seconds))
-                except ActivityError as e:
-                    # A disaster: the source site may be gone. The failover goes on; the
-                    # operator sees why the source could not be stopped.
-                    st.error = f"could not shut the source down: {_cause(e)}"
+                # A disaster: the source site may be gone. The failover goes on; the
+                # operator sees why a source could not be stopped.
+                errors = await self._shutdown_sources(inp, plan, source_q, was_running)
+                if errors:
+                    st.error = "could not shut the source down: " + "; ".join(errors)
             point: RecoveryPoint = await workflow.execute_activity(
                 "failover.choose_point",
                 TestFailoverInput(protection=p, point_id=inp.point_id),
@@ -189,19 +207,30 @@ class _Failover:
                 if stop:
                     raise ApplicationError(stop, type="RunbookFailed", non_retryable=True)
             st.phase = "booting"
-            instance: Instance = await workflow.execute_activity(
-                "failover.boot",
-                ProductionBoot(protection=p, point_id=point.id, name=plan.name,
-                               network=inp.network, planned=inp.planned,
-                               final_cycle=st.final_cycle, source_was_running=source_was_running),
-                result_type=Instance, task_queue=target_q, **SHORT)
+            booted = await self._boot_tiers(inp, plan, point, was_running, target_q)
         except (ActivityError, ChildWorkflowError, ApplicationError) as e:
+            cause = _cause(e)
+            record: FailoverRecord | None = await workflow.execute_activity(
+                "failover.record", p, result_type=FailoverRecord | None,  # type: ignore[arg-type]
+                task_queue=CONTROL_TASK_QUEUE, **UNDO)
+            if record is not None:
+                # Some VM booted as production: the failover stands (see the module doc).
+                up = {v.vm for v in record.vms}
+                st.error = (f"failed over part of the group: {cause}. Running at the target: "
+                            f"{', '.join(v.instance.name for v in record.vms)}; not booted: "
+                            f"{', '.join(vm for vm in plan.names if vm not in up)}."
+                            f" Fix the cause and boot the rest with `transcend boot`, or bring "
+                            f"everything home with `transcend failback {p}`")
+                await _tell_replication(p, S.FAILED_OVER, st.error)
+                st.phase = "failed"
+                raise ApplicationError(st.error, type="GroupFailoverIncomplete",
+                                       non_retryable=True) from e
             st.phase = "compensating"
-            st.error = _cause(e)
+            st.error = cause
             await workflow.execute_activity(
                 "failover.abort",
                 FailoverAbort(protection=p, previous_state=plan.previous_state,
-                              restart_source=source_was_running),
+                              restart_vms=was_running),
                 task_queue=source_q, **UNDO)
             if plan.previous_state == S.PROTECTING:
                 await workflow.execute_activity(
@@ -212,32 +241,111 @@ class _Failover:
             raise ApplicationError(
                 f"{what} of {p} failed and was undone (source, schedule and state as before): "
                 f"{st.error}", type="FailoverFailed", non_retryable=True) from e
-        st.instance = instance
+        names = ", ".join(v.instance.name for v in booted)
         await _tell_replication(p, S.FAILED_OVER,
-                                f"failed over to {plan.target.name} as {instance.name} "
-                                f"from point {point.id}")
-        st.phase = "health-check"
-        healthy_at = workflow.now()
-        if inp.health.kind != "none":
-            try:
-                healthy_at = await wait_healthy(instance, inp.health, target_q)
-            except ActivityError as e:
-                st.error = f"failed over, but the health check failed: {_cause(e)}"
-                st.phase = "failed"
-                raise ApplicationError(st.error, type="HealthCheckFailed", non_retryable=True) from e
-        st.rto_seconds = (healthy_at - started).total_seconds()
+                                f"failed over to {plan.target.name} as {names} from point {point.id}")
+        unhealthy = [v for v in booted if isinstance(v, _Unhealthy)]
+        if unhealthy:
+            st.error = "failed over, but the health check failed: " + "; ".join(
+                f"{v.instance.name}: {v.error}" for v in unhealthy)
+            st.phase = "failed"
+            raise ApplicationError(st.error, type="HealthCheckFailed", non_retryable=True)
+        st.rto_seconds = (max(v.healthy_at for v in st.vms) - started).total_seconds()
         await record_rto(p, st.rto_seconds)
         if any(step.when == "after-boot" for step in inp.runbook):
             st.phase = "runbook"
             stop = await run_steps(inp.runbook, "after-boot", protection=p, operation=what,
-                                   point_id=point.id, vms=[instance.name], queue=target_q,
-                                   results=st.steps)
+                                   point_id=point.id, vms=[v.instance.name for v in st.vms],
+                                   queue=target_q, results=st.steps)
             if stop:
                 st.error = f"failed over, but {stop}"
                 st.phase = "failed"
                 raise ApplicationError(st.error, type="RunbookFailed", non_retryable=True)
         st.phase = "done"
         return st
+
+    async def _shutdown_sources(self, inp: FailoverInput, plan: FailoverPlan, queue: str,
+                                was_running: list[str]) -> list[str]:
+        """Shut the source VMs down, last boot tier first, a tier's VMs together; the
+        ones that were running are added to ``was_running``. Returns what failed."""
+        errors: list[str] = []
+        for tier in reversed(plan.tiers):
+            refs = [plan.workload(vm).ref.id for vm in tier.vms]
+            results = await asyncio.gather(*[
+                workflow.execute_activity(
+                    "source.power_off",
+                    SourcePower(platform=plan.source.name, vm=ref,
+                                timeout_seconds=inp.shutdown_timeout_seconds,
+                                force=inp.force_off and not inp.planned),
+                    result_type=bool, task_queue=queue, **_power(inp.shutdown_timeout_seconds))
+                for ref in refs], return_exceptions=True)
+            for vm, ref, r in zip(tier.vms, refs, results, strict=True):
+                if isinstance(r, BaseException):
+                    errors.append(f"{vm}: {_cause(r)}")
+                elif r and ref not in was_running:
+                    was_running.append(ref)
+            if errors and inp.planned:
+                break  # a migration stops at once; it is undone
+        return errors
+
+    async def _boot_tiers(self, inp: FailoverInput, plan: FailoverPlan, point: RecoveryPoint,
+                          was_running: list[str], target_q: str) -> list[RecoveredVm]:
+        """Boot the point's VMs as production in the boot order: a tier's VMs together
+        (child workflows), the next tier once all of them passed their health check and
+        the tier's delay passed. A failed boot raises; a failed health check stops the
+        boot order and is returned as an ``_Unhealthy`` entry (the VM runs)."""
+        st = self._status
+        booted: list[RecoveredVm] = []
+        for i, tier in enumerate(plan.tiers):
+            st.tier = i
+            results = await asyncio.gather(*[
+                self._production_vm(inp, plan, point, vm, tier, was_running, target_q)
+                for vm in tier.vms], return_exceptions=True)
+            failed: BaseException | None = None
+            for r in results:
+                if isinstance(r, RecoveredVm):
+                    booted.append(r)
+                    if not isinstance(r, _Unhealthy):
+                        st.vms.append(r)
+                    if st.instance is None:
+                        st.instance = r.instance
+                elif failed is None:
+                    failed = r
+            if failed is not None:
+                raise failed
+            if any(isinstance(r, _Unhealthy) for r in results):
+                break  # the next tier waits for this one's health: it never boots
+            if tier.delay_seconds and i + 1 < len(plan.tiers):
+                await workflow.sleep(tier.delay_seconds)
+        return booted
+
+    async def _production_vm(self, inp: FailoverInput, plan: FailoverPlan, point: RecoveryPoint,
+                             vm: str, tier: BootTier, was_running: list[str],
+                             target_q: str) -> RecoveredVm:
+        ref = plan.workload(vm).ref.id
+        try:
+            result: RecoveredVm = await workflow.execute_child_workflow(
+                PRODUCTION_VM_WORKFLOW,
+                ProductionVmInput(
+                    boot=ProductionBoot(protection=inp.protection, point_id=point.id, vm=vm,
+                                        name=plan.names[vm], network=inp.network,
+                                        planned=inp.planned, final_cycle=self._status.final_cycle,
+                                        source_was_running=ref in was_running),
+                    health=tier.health or inp.health, target_queue=target_q),
+                id=f"{workflow.info().workflow_id}/{vm}", result_type=RecoveredVm)
+        except ChildWorkflowError as e:
+            if _failure_type(e) != "HealthCheckFailed":
+                raise
+            # Booted (it is in the failover record) but not healthy: the VM runs.
+            record: FailoverRecord | None = await workflow.execute_activity(
+                "failover.record", inp.protection, result_type=FailoverRecord | None,  # type: ignore[arg-type]
+                task_queue=CONTROL_TASK_QUEUE, **UNDO)
+            mine = next((v for v in record.vms if v.vm == vm), None) if record else None
+            if mine is None:
+                raise
+            return _Unhealthy(vm=vm, instance=mine.instance, booted_at=workflow.now(),
+                              healthy_at=workflow.now(), error=_cause(e))
+        return result
 
     async def _final_cycle(self, protection: str, *, required: bool) -> str:
         try:
@@ -257,6 +365,27 @@ class _Failover:
                                        non_retryable=True)
             return f"{outcome.status} ({outcome.error})"
         return f"committed point {outcome.point_id}"
+
+
+@workflow.defn(name=PRODUCTION_VM_WORKFLOW)
+class ProductionVmWorkflow:
+    """Boot one VM of a failover as production and wait for its health check (a child
+    of Failover/Migration; its ID is ``<parent ID>/<VM>``)."""
+
+    @workflow.run
+    async def run(self, inp: ProductionVmInput) -> RecoveredVm:
+        instance: Instance = await workflow.execute_activity(
+            "failover.boot", inp.boot, result_type=Instance, task_queue=inp.target_queue,
+            **SHORT)
+        booted_at = healthy_at = workflow.now()
+        if inp.health.kind != "none":
+            try:
+                healthy_at = await wait_healthy(instance, inp.health, inp.target_queue)
+            except ActivityError as e:
+                raise ApplicationError(f"{instance.name}: {_cause(e)}", type="HealthCheckFailed",
+                                       non_retryable=True) from e
+        return RecoveredVm(vm=inp.boot.vm, instance=instance, booted_at=booted_at,
+                           healthy_at=healthy_at)
 
 
 @workflow.defn(name=FAILOVER_WORKFLOW)
@@ -329,15 +458,13 @@ class FailbackWorkflow:
             **SHORT)
         source_q = site_task_queue(view.source.site)
         target_q = site_task_queue(view.target.site)
-        failed_over_stopped = False
+        stopped: list[str] = []  # failed-over VMs this failback shut down (platform ids)
         try:
             st.phase = "syncing"
-            await workflow.execute_activity(
-                "source.power_off",
-                SourcePower(platform=view.source.name, vm=record.source_vm,
-                            timeout_seconds=inp.shutdown_timeout_seconds, force=False),
-                result_type=bool, task_queue=source_q, **_power(inp.shutdown_timeout_seconds))
-            await self._pass(p, False, source_q)
+            # The originals diverged: whatever they wrote after the point is replaced.
+            await self._power_off_all(view.source.name, [v.source_vm for v in reversed(record.vms)],
+                                      inp, source_q, [])
+            await self._passes(record, False, source_q)
             while not (inp.migrate_now or self._migrate):
                 st.phase = "waiting"
                 try:
@@ -346,15 +473,14 @@ class FailbackWorkflow:
                         timeout=timedelta(seconds=inp.sync_interval_seconds))
                 except TimeoutError:
                     st.phase = "syncing"
-                    await self._pass(p, False, source_q)
+                    await self._passes(record, False, source_q)
             st.phase = "shutdown-failed-over"
-            failed_over_stopped = await workflow.execute_activity(
-                "source.power_off",
-                SourcePower(platform=view.target.name, vm=record.instance.id,
-                            timeout_seconds=inp.shutdown_timeout_seconds, force=False),
-                result_type=bool, task_queue=target_q, **_power(inp.shutdown_timeout_seconds))
+            # Last booted first, like the failover's shutdown of the sources.
+            await self._power_off_all(view.target.name,
+                                      [v.instance.id for v in reversed(record.vms)], inp,
+                                      target_q, stopped)
             st.phase = "final-sync"
-            await self._pass(p, True, source_q)
+            await self._passes(record, True, source_q)
             if inp.verify:
                 st.phase = "verify"
                 v: FailbackVerify = await workflow.execute_activity(
@@ -366,10 +492,9 @@ class FailbackWorkflow:
                         type="FailbackVerifyFailed", non_retryable=True)
         except (ActivityError, ApplicationError) as e:
             st.error = _cause(e)
-            if failed_over_stopped:
+            for ref in reversed(stopped):
                 await workflow.execute_activity(
-                    "source.power_on",
-                    SourcePower(platform=view.target.name, vm=record.instance.id),
+                    "source.power_on", SourcePower(platform=view.target.name, vm=ref),
                     task_queue=target_q, **UNDO)
             await workflow.execute_activity("failback.abort", p, task_queue=CONTROL_TASK_QUEUE,
                                             **UNDO)
@@ -389,9 +514,26 @@ class FailbackWorkflow:
         st.phase = "done"
         return st
 
-    async def _pass(self, protection: str, final: bool, queue: str) -> None:
+    async def _power_off_all(self, platform: str, refs: list[str], inp: FailbackInput, queue: str,
+                             stopped: list[str]) -> None:
+        """Shut VMs down cleanly (never forced), one after the other; those that were
+        running are added to ``stopped`` as they stop, so an undo starts exactly them."""
+        for ref in refs:
+            if await workflow.execute_activity(
+                    "source.power_off",
+                    SourcePower(platform=platform, vm=ref,
+                                timeout_seconds=inp.shutdown_timeout_seconds, force=False),
+                    result_type=bool, task_queue=queue, **_power(inp.shutdown_timeout_seconds)):
+                stopped.append(ref)
+
+    async def _passes(self, record: FailoverRecord, final: bool, queue: str) -> None:
+        """One pass for every failed-over VM (a group's one after the other)."""
+        for v in record.vms:
+            await self._pass(record.protection, v.vm, final, queue)
+
+    async def _pass(self, protection: str, vm: str, final: bool, queue: str) -> None:
         result: FailbackPass = await workflow.execute_activity(
-            "failback.sync", FailbackSyncInput(protection=protection, final=final),
+            "failback.sync", FailbackSyncInput(protection=protection, vm=vm, final=final),
             result_type=FailbackPass, task_queue=queue, **STREAM)
         self._status.passes.append(result)
         self._status.bytes_written += result.bytes_written + result.bytes_zeroed
