@@ -16,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from connectors.base import PermanentError, Source, Target
 from connectors.registry import source_for, target_for
+from transcend.bandwidth import SiteBandwidth, policy_path, status_path
 from transcend.catalog import Catalog, CatalogError
 from transcend.config import Settings
 from transcend.secrets import SecretError
@@ -43,6 +44,16 @@ class ActivityContext:
     catalog: Catalog
     client: Client | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _bandwidth: SiteBandwidth | None = None
+
+    def site_bandwidth(self) -> SiteBandwidth:
+        """The site's bandwidth allocator: one per worker process, shared by every copy
+        this worker runs (transcend/bandwidth.py)."""
+        with self._lock:
+            if self._bandwidth is None:
+                home = self.settings.home
+                self._bandwidth = SiteBandwidth(policy_path(home), status_path(home))
+            return self._bandwidth
 
     def source(self, platform: str) -> Source:
         with permanent():

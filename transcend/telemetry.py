@@ -81,6 +81,8 @@ class _Instruments:
     throughput: Gauge
     rto: Gauge
     queue_lag: Histogram
+    site_limit: Gauge
+    site_in_use: Gauge
 
 
 def _instruments(provider: MeterProvider) -> _Instruments:
@@ -109,6 +111,12 @@ def _instruments(provider: MeterProvider) -> _Instruments:
             "transcend_activity_schedule_to_start_seconds", unit="s",
             description="Time an activity attempt waited in its task queue before a worker "
                         "started it", explicit_bucket_boundaries_advisory=LAG_BUCKETS),
+        site_limit=m.create_gauge(
+            "transcend_site_bandwidth_limit_bytes_per_second", unit="By/s",
+            description="The site's bandwidth limit in force (0: unlimited)"),
+        site_in_use=m.create_gauge(
+            "transcend_site_bandwidth_in_use_bytes_per_second", unit="By/s",
+            description="Bytes per second the worker's copies move now (all streams)"),
     )
 
 
@@ -352,6 +360,15 @@ def record_cycle(protection: str, status: str, seconds: float, rpo: float | None
     inst.cycle_duration.record(max(0.0, seconds), {"protection": protection, "status": status})
     if rpo is not None:
         inst.rpo_achieved.set(rpo, {"protection": protection})
+
+
+def record_site_bandwidth(limit: int | None, in_use: float) -> None:
+    """The site bandwidth allocator's view, every period (transcend/bandwidth.py)."""
+    inst = _current
+    if inst is None:
+        return
+    inst.site_limit.set(limit or 0)
+    inst.site_in_use.set(in_use)
 
 
 def record_rto(protection: str, seconds: float) -> None:
