@@ -29,6 +29,7 @@ from temporalio.exceptions import ApplicationError
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
 from connectors.base import Busy, ChangeSet, Frozen, PermanentError, Staging
+from transcend import nbdtls
 from transcend import retention as retention_rules
 from transcend.api import (
     AbortInput,
@@ -49,13 +50,16 @@ from transcend.catalog import CycleRecord, NotFoundError
 from transcend.config import site_task_queue
 from transcend.models import (
     ChangeKind,
+    Checkpoint,
     FreezeOptions,
     FrozenHandle,
+    NbdEndpoint,
     PointDisk,
     PointMeta,
     ProtectionState,
     RecoveryPoint,
     StagingHandle,
+    effective_transfer,
     replica_disks,
 )
 from transcend.telemetry import record_cycle, record_queue_lag, record_stream
@@ -114,6 +118,7 @@ class CycleActivities:
             rec = cat.get_protection(inp.protection)
             source_info = cat.get_platform(rec.spec.source_platform)
             target_info = cat.get_platform(rec.spec.target_platform)
+            check_transfer(rec.spec.policy.transfer, source_info.site, target_info.site)
             source = self.ctx.source(source_info.name)
             # Refresh the VM's shape: a grown or added disk must exist on the replica
             # before anything is written to it.
@@ -174,28 +179,41 @@ class CycleActivities:
                 handle.reasons[disk.id] = "no source checkpoint for a disk the replica holds"
         try:
             summaries = [frozen.changes(d.id).summary for d in handle.disks]
+            checkpoints = frozen.new_checkpoints()
         finally:
             frozen.close()
-        return FreezeResult(frozen=handle, changes=summaries)
+        return FreezeResult(frozen=handle, changes=summaries, checkpoints=checkpoints)
 
     # ------------------------------------------------------------------ staging
 
     @activity.defn(name="target.begin")
     async def begin(self, inp: BeginInput) -> StagingHandle:
-        def run() -> StagingHandle:
-            target = self.ctx.target(inp.ctx.target.name)
-            with permanent():
-                staging = target.begin(
-                    inp.ctx.protection, inp.ctx.cycle_id, inp.disks, inp.ctx.last_point
-                )
-            return staging.handle
+        return await in_thread(self._begin, inp)
 
-        return await in_thread(run)
+    def _begin(self, inp: BeginInput) -> StagingHandle:
+        ctx = inp.ctx
+        target = self.ctx.target(ctx.target.name)
+        with permanent():
+            if _transfer(ctx) == "local":
+                staging = target.begin(ctx.protection, ctx.cycle_id, inp.disks, ctx.last_point)
+                return staging.handle
+            # Push: the source site writes from another host, over TCP with TLS.
+            remote = nbdtls.remote_export(self.ctx.settings)
+            begin_remote = getattr(target, "begin_remote", None)
+            if begin_remote is None:
+                raise PermanentError(
+                    f"target platform {ctx.target.name!r} ({ctx.target.kind.value}) cannot "
+                    "serve a push transfer from another site yet; put both platforms at one "
+                    "site (one host) with transfer 'local', or use a KVM target")
+            staging = begin_remote(ctx.protection, ctx.cycle_id, inp.disks, ctx.last_point,
+                                   remote)
+            return staging.handle
 
     @activity.defn(name="target.abort")
     async def abort(self, inp: AbortInput) -> None:
         def run() -> None:
             self.ctx.target(inp.ctx.target.name).resume(inp.staging).abort()
+            self.ctx.catalog.drop_staged_manifests(inp.ctx.protection, inp.ctx.cycle_id)
 
         await in_thread(run)
 
@@ -212,16 +230,23 @@ class CycleActivities:
                 resume_from = int(details.get("durable_offset", 0))
         prepared = await asyncio.to_thread(self._prepare_stream, inp, resume_from)
         stream, manifest, original, mpath, changes, resume_from, frozen, staging = prepared
+        dst_uri = inp.staging.remote[inp.disk].uri if inp.disk in inp.staging.remote else ""
+        policy = inp.ctx.policy
         try:
-            return await self._run_stream(inp, stream, manifest, original, mpath, changes,
-                                          resume_from)
+            # The site's bandwidth limit is shared by every stream this worker runs,
+            # weighted by the protection's priority (transcend/bandwidth.py).
+            with self.ctx.site_bandwidth().registered(
+                    f"{inp.ctx.protection}/{inp.disk}", stream, policy.priority,
+                    policy.bandwidth_bytes_per_s):
+                return await self._run_stream(inp, stream, manifest, original, mpath, changes,
+                                              resume_from, dst_uri)
         finally:
             # The NBD servers this activity started, if the connectors start them per use.
             await asyncio.to_thread(_close_all, frozen, staging)
 
     async def _run_stream(self, inp: StreamInput, stream: blockstream.Stream, manifest: bytearray,
                           original: bytes, mpath: Path, changes: ChangeSet,
-                          resume_from: int) -> StreamResult:
+                          resume_from: int, dst_uri: str) -> StreamResult:
         started = time.monotonic()
         task = asyncio.create_task(asyncio.to_thread(stream.run))
         saved_at = resume_from
@@ -242,6 +267,11 @@ class CycleActivities:
             await asyncio.gather(task, return_exceptions=True)
             raise
         except blockstream.BlockstreamError as e:
+            refused = nbdtls.tls_refusal(dst_uri, e.nbd_error or str(e), self.ctx.settings)
+            if refused is not None and e.endpoint == "destination":
+                # A certificate problem does not heal by retrying; say so at once.
+                raise ApplicationError(f"copying disk {inp.disk}: {refused}",
+                                       type="TlsRefused", non_retryable=True) from e
             # Keep what is durable; Temporal retries and the next attempt resumes.
             p = stream.progress()
             durable = p.durable_offset - p.durable_offset % inp.block_size
@@ -252,6 +282,10 @@ class CycleActivities:
                 f"copying disk {inp.disk} failed at {e}", type="StreamError"
             ) from e
         await asyncio.to_thread(_write_atomic, mpath, bytes(manifest))
+        # The target site's verify and commit may run on another host: they read the
+        # manifest from the shared catalog, not from this host's file.
+        await asyncio.to_thread(self.ctx.catalog.stage_manifest, inp.ctx.protection,
+                                inp.ctx.cycle_id, inp.disk, bytes(manifest))
         record_stream(inp.ctx.protection, inp.disk, changes.summary.kind, final.bytes_written,
                       time.monotonic() - started)
         return StreamResult(
@@ -269,22 +303,32 @@ class CycleActivities:
 
     def _prepare_stream(
         self, inp: StreamInput, resume_from: int
-    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int, Frozen, Staging]:
+    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int, Frozen,
+               Staging | None]:
         source = self.ctx.source(inp.ctx.source.name)
         frozen = source.reopen(inp.frozen)
-        staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
+        staging: Staging | None = None
         try:
-            return (*self._plan_stream(inp, resume_from, frozen, staging), frozen, staging)
+            if inp.disk in inp.staging.remote:
+                # Push: the staging lives on the target site's host, served over TLS;
+                # only its URI is used here, with this site's client certificate.
+                dst = inp.staging.remote[inp.disk]
+                with permanent():
+                    dst = dst.model_copy(
+                        update={"uri": nbdtls.with_local_credentials(dst.uri, self.ctx.settings)})
+            else:
+                staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
+                dst = staging.endpoint(inp.disk)
+            return (*self._plan_stream(inp, resume_from, frozen, dst), frozen, staging)
         except BaseException:
             _close_all(frozen, staging)
             raise
 
     def _plan_stream(
-        self, inp: StreamInput, resume_from: int, frozen: Frozen, staging: Staging
+        self, inp: StreamInput, resume_from: int, frozen: Frozen, dst: NbdEndpoint
     ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int]:
         changes = frozen.changes(inp.disk)
         src = frozen.export(inp.disk)
-        dst = staging.endpoint(inp.disk)
         disk_size = src.size
         mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id, inp.disk)
         kind = changes.summary.kind
@@ -297,7 +341,7 @@ class CycleActivities:
             resume_from = 0
         extents = [blockstream.Extent(e.offset, e.length, e.zero) for e in changes.extents]
         stream = blockstream.Stream(
-            src.uri,
+            nbdtls.with_local_credentials(src.uri, self.ctx.settings),
             dst.uri,
             extents,
             disk_size=disk_size,
@@ -348,16 +392,43 @@ class CycleActivities:
         staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
         try:
             ep = staging.endpoint(inp.disk)
-            mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id,
-                                   inp.disk)
-            expected = mpath.read_bytes()
+            expected = self._staged_manifest(inp.ctx, inp.disk, "")
             nblocks = len(expected) // blockstream.HASH_SIZE
             rng = random.Random(inp.seed)
             picks = sorted(rng.sample(range(nblocks), min(inp.blocks, nblocks)))
-            mismatches = check_blocks(ep.uri, ep.size, expected, picks, inp.block_size)
+            with permanent():
+                uri = nbdtls.with_local_credentials(ep.uri, self.ctx.settings)
+                mismatches = self._check_blocks(uri, ep.size, expected, picks, inp.block_size)
         finally:
             staging.close()  # the NBD server endpoint() started, if the target starts one
         return VerifySampleResult(disk=inp.disk, blocks_checked=len(picks), mismatches=mismatches)
+
+    def _check_blocks(self, uri: str, size: int, expected: bytes, picks: list[int],
+                      block_size: int) -> list[int]:
+        try:
+            return check_blocks(uri, size, expected, picks, block_size)
+        except blockstream.BlockstreamError as e:
+            refused = nbdtls.tls_refusal(uri, e.nbd_error or str(e), self.ctx.settings)
+            if refused is not None:
+                raise refused from e
+            raise
+
+    def _new_checkpoints(self, inp: CommitInput) -> list[Checkpoint]:
+        """From the freeze (taken at the source site); the source connector is asked only
+        for a cycle frozen by an older worker (it may touch the source site's files)."""
+        if inp.checkpoints is not None:
+            return inp.checkpoints
+        return self.ctx.source(inp.ctx.source.name).reopen(inp.frozen).new_checkpoints()
+
+    def _staged_manifest(self, ctx: CycleContext, disk: str, manifest_file: str) -> bytes:
+        """The manifest ``stream.disk`` made, from the catalog (it may have run on another
+        host); a cycle streamed by an older worker left only its file."""
+        try:
+            return self.ctx.catalog.staged_manifest(ctx.protection, ctx.cycle_id, disk)
+        except NotFoundError:
+            path = Path(manifest_file) if manifest_file else _manifest_path(
+                self.ctx.settings.home, ctx.protection, ctx.cycle_id, disk)
+            return path.read_bytes()
 
     # ------------------------------------------------------------------ commit
 
@@ -371,8 +442,6 @@ class CycleActivities:
             return cat.get_point(inp.ctx.cycle_id)  # a retry after the catalog commit
         except NotFoundError:
             pass
-        source = self.ctx.source(inp.ctx.source.name)
-        frozen = source.reopen(inp.frozen)
         staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
         kinds = set(inp.frozen.kinds.values())
         kind = (
@@ -387,9 +456,10 @@ class CycleActivities:
             block_size=inp.block_size,
             kind=kind,
             bytes_written=sum(s.bytes_written for s in inp.streams),
-            checkpoints=frozen.new_checkpoints(),
+            checkpoints=self._new_checkpoints(inp),
         )
-        manifests = {s.disk: Path(s.manifest_file).read_bytes() for s in inp.streams}
+        manifests = {s.disk: self._staged_manifest(inp.ctx, s.disk, s.manifest_file)
+                     for s in inp.streams}
         locations = staging.commit(meta)
         packed = {}
         disks = []
@@ -420,6 +490,7 @@ class CycleActivities:
             kind=kind,
         )
         stored = cat.commit_point(point, packed, meta.checkpoints)
+        cat.drop_staged_manifests(inp.ctx.protection, inp.ctx.cycle_id)
         return stored
 
     # ------------------------------------------------------------------ release
@@ -499,6 +570,21 @@ class CycleActivities:
         return rec.state
 
 
+def _transfer(ctx: CycleContext) -> str:
+    return effective_transfer(ctx.policy, ctx.source.site, ctx.target.site)
+
+
+def check_transfer(transfer: str, source_site: str, target_site: str) -> None:
+    """Refuse a local (unix socket) transfer between two sites at the cycle's start: the
+    target's sockets are on another host than the source site's worker."""
+    if transfer == "local" and source_site != target_site:
+        raise PermanentError(
+            f"the protection's transfer is 'local' (NBD on unix sockets, one host) but its "
+            f"source is at site {source_site!r} and its target at site {target_site!r}: set "
+            "the policy's transfer to 'push' (or 'auto') for NBD over TLS between the sites "
+            "(docs/sites.md)")
+
+
 def flush_interval(bandwidth: int | None) -> int:
     """Bytes written between flushes, i.e. how far ``durable_offset`` lags the copy.
 
@@ -555,10 +641,12 @@ def _remove_tree(path: Path) -> None:
 __all__ = ["CycleActivities", "FrozenHandle", "PermanentError"]
 
 
-def _close_all(*objs: Frozen | Staging) -> None:
+def _close_all(*objs: Frozen | Staging | None) -> None:
     """Close each, even when one fails (the first error is raised after the rest)."""
     first: BaseException | None = None
     for o in objs:
+        if o is None:
+            continue
         try:
             o.close()
         except Exception as e:  # each one gets its chance

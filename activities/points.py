@@ -11,7 +11,8 @@ import blockstream
 from activities.context import ActivityContext, in_thread, permanent
 from connectors.base import PermanentError
 from transcend.api import BootInput, BootResult, VerifyInput, VerifyResult
-from transcend.models import BootSpec, PlatformInfo
+from transcend.guestprep import GuestPrep, ReIpRule
+from transcend.models import BootSpec, PlatformInfo, PlatformKind
 
 
 class PointActivities:
@@ -91,9 +92,27 @@ class PointActivities:
                 inst = target.boot(
                     point,
                     BootSpec(name=inp.name, network=network, isolated=inp.isolated,
-                             workload=workload, network_map=rec.spec.policy.network_map),
+                             workload=workload, network_map=rec.spec.policy.network_map,
+                             guest_prep=guest_prep_for(self.ctx, rec.spec.source_platform,
+                                                       rec.spec.target_platform, inp.convert,
+                                                       inp.reip)),
                 )
             return BootResult(point_id=point.id, instance_id=inst.id, name=inst.name,
-                              console_log=inst.console_log)
+                              console_log=inst.console_log, prepared=inst.prepared)
 
         return await in_thread(run)
+
+
+def guest_prep_for(ctx: ActivityContext, source_platform: str, target_platform: str,
+                   convert: str, reip: list[ReIpRule]) -> GuestPrep | None:
+    """What a boot does to the guest first: conversion when asked, or ("auto") when the
+    guest comes from another hypervisor and the target is KVM (virt-v2v converts to
+    KVM only); the re-IP rules as given."""
+    if convert == "auto":
+        source = ctx.catalog.get_platform(source_platform).kind
+        target = ctx.catalog.get_platform(target_platform).kind
+        needs = source != target and target == PlatformKind.KVM
+    else:
+        needs = convert == "always"
+    prep = GuestPrep(convert=needs, reip=reip)
+    return prep if prep.needed() else None

@@ -18,6 +18,8 @@ DEBS=(
   postgresql chromium
   # vSphere tests: govmomi's vCenter simulator, built from Debian's Go sources (GOPATH mode)
   golang-go golang-github-vmware-govmomi-dev
+  # guest preparation before a recovered VM's first boot: re-IP and virt-v2v conversion
+  libguestfs-tools virt-v2v
 )
 
 missing=()
@@ -56,4 +58,20 @@ if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   done
   virsh -c qemu:///system version >/dev/null || { echo "setup: libvirtd did not start" >&2; exit 1; }
 fi
+# libguestfs (re-IP, conversion) boots an appliance with the host's kernel from /boot.
+# A container or microVM host may have none: unpack Debian's cloud kernel for it.
+# tests/conftest.py points SUPERMIN_KERNEL/_MODULES/_KERNEL_VERSION at it.
+LGK=/var/cache/transcend-libguestfs-kernel
+if ! ls /boot/vmlinuz-* >/dev/null 2>&1 && [ ! -s "$LGK/version" ]; then
+  pkg=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*\)$/\1/p' | head -1)
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -q "$pkg" >/dev/null)
+  rm -rf "$LGK.new" && mkdir -p "$LGK.new"
+  dpkg-deb -x "$tmp"/*.deb "$LGK.new"
+  version=$(ls "$LGK.new/lib/modules")
+  depmod -b "$LGK.new" "$version"
+  echo "$version" > "$LGK.new/version"
+  rm -rf "$LGK" "$tmp" && mv "$LGK.new" "$LGK"
+fi
+mkdir -p /lib/modules  # supermin lstat()s it even when SUPERMIN_MODULES points elsewhere
 echo "setup: ready"

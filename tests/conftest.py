@@ -13,10 +13,13 @@ from typing import Any
 
 import pytest
 
+from tests.harness import libguestfs
 from tests.harness.guest import GuestImage, build_guest
 from tests.harness.libvirtd import ensure_libvirtd
 from tests.harness.stack import Stack, transcend_stack
 from tests.harness.vcsim import VcSim, vcsim_session
+
+libguestfs.apply()  # workers the tests start inherit it (guest preparation: re-IP, conversion)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -495,6 +495,31 @@ def test_commit_point_replaces_only_the_given_disks(catalog: Catalog) -> None:
     assert catalog.checkpoints("web") == {}
 
 
+def test_staged_manifests_between_sites(catalog: Catalog) -> None:
+    """stream.disk (source site) stages a manifest; verify/commit (target site, maybe
+    another host) read it from the catalog; a retried stream replaces it; commit or
+    abort drops the cycle's rows; removing the protection drops them too."""
+    protected(catalog)
+    blob = os.urandom(4096)
+    catalog.stage_manifest("web", "c1", "vda", blob)
+    catalog.stage_manifest("web", "c1", "vdb", b"x" * 32)
+    catalog.stage_manifest("web", "c1", "vda", blob[::-1])  # a retried stream
+    assert catalog.staged_manifest("web", "c1", "vda") == blob[::-1]
+    with pytest.raises(NotFoundError, match="has not finished"):
+        catalog.staged_manifest("web", "c2", "vda")
+    with pytest.raises(NotFoundError):
+        catalog.stage_manifest("nope", "c1", "vda", blob)
+    catalog.drop_staged_manifests("web", "c1")
+    catalog.drop_staged_manifests("web", "c1")  # idempotent
+    with pytest.raises(NotFoundError):
+        catalog.staged_manifest("web", "c1", "vdb")
+    catalog.stage_manifest("web", "c3", "vda", blob)
+    catalog.remove_protection("web")
+    protected(catalog)
+    with pytest.raises(NotFoundError):
+        catalog.staged_manifest("web", "c3", "vda")
+
+
 def test_commit_point_rejects_bad_input(catalog: Catalog) -> None:
     protected(catalog)
     catalog.commit_point(rp("web", 1), {}, [])

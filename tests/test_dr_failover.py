@@ -25,7 +25,7 @@ import pytest
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from tests.harness.dr import domain_active, refused, remove_domain
+from tests.harness.dr import domain_active, refused, remove_domain, result_despite_kill
 from tests.harness.guest import BOOT_MARKER, GuestImage
 from tests.harness.libvirtd import traversable, wait_for_console
 from tests.harness.protect import (
@@ -41,7 +41,6 @@ from tests.harness.protect import (
     verify_point,
     wait_first_point,
     wait_for,
-    wait_phase,
 )
 from tests.harness.records import check_contiguous, read_records
 from tests.harness.stack import Stack
@@ -75,10 +74,8 @@ async def _failback_exact(client: Client, stack: Stack, protection: str, record:
         api.FailbackInput(protection=protection, start_original=False, keep_failed_over=True),
         id=api.failback_id(protection), task_queue=CONTROL_TASK_QUEUE,
         result_type=api.FailbackStatus)
-    await wait_phase(fb, api.FailbackStatus, {"syncing", "shutdown-failed-over", "final-sync"}, 300)
-    stack.kill_workers()
-    stack.start_worker()
-    result: api.FailbackStatus = await asyncio.wait_for(fb.result(), 900)
+    result = await result_despite_kill(stack, fb, api.FailbackStatus,
+                                       {"syncing", "shutdown-failed-over", "final-sync"})
     assert result.phase == "done", result
     assert not domain_active(record.instance.name), "the failed-over VM must be shut off"
     overlay = Path(record.instance.overlays[0])
@@ -128,10 +125,8 @@ async def _migration(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         with pytest.raises(WorkflowAlreadyStartedError):  # never two at once
             await client.start_workflow(api.FAILOVER_WORKFLOW, api.FailoverInput(protection=p),
                                         id=api.failover_id(p), task_queue=CONTROL_TASK_QUEUE)
-        await wait_phase(mig, api.FailoverStatus, {"final-cycle", "booting", "health-check"}, 300)
-        stack.kill_workers()
-        stack.start_worker()
-        done: api.FailoverStatus = await asyncio.wait_for(mig.result(), 900)
+        done = await result_despite_kill(stack, mig, api.FailoverStatus,
+                                         {"final-cycle", "booting", "health-check"})
         assert done.phase == "done" and done.instance is not None, done
         assert done.final_cycle.startswith("committed"), done.final_cycle
         assert done.rto_seconds is not None and done.rto_seconds > 0
@@ -266,10 +261,8 @@ async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
             api.FailoverInput(protection=p, final_cycle=False, name=f"{vm}-dr",
                               shutdown_timeout_seconds=60, runbook=runbook),
             id=api.failover_id(p), task_queue=CONTROL_TASK_QUEUE, result_type=api.FailoverStatus)
-        await wait_phase(fo, api.FailoverStatus, {"shutdown-source", "booting"}, 300)
-        stack.kill_workers()
-        stack.start_worker()
-        done: api.FailoverStatus = await asyncio.wait_for(fo.result(), 900)
+        done = await result_despite_kill(stack, fo, api.FailoverStatus,
+                                         {"shutdown-source", "booting"})
         assert done.phase == "done" and done.instance is not None, done
         assert done.point_id == point.id
         assert not dom.isActive()

@@ -22,7 +22,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.harness.dr import domain_active, refused, remove_domain
+from tests.harness.dr import domain_active, refused, remove_domain, result_despite_kill
 from tests.harness.guest import BOOT_MARKER, GuestImage
 from tests.harness.libvirtd import traversable, wait_for_console
 from tests.harness.lifecycle import Lifecycle
@@ -34,7 +34,6 @@ from tests.harness.protect import (
     protection_spec,
     start_protection,
     wait_first_point,
-    wait_phase,
 )
 from tests.harness.records import check_contiguous, read_records
 from tests.harness.stack import Stack
@@ -93,10 +92,8 @@ async def _group_dr(guest_image: GuestImage, stack: Stack, tmp_path: Path, a: st
                                   boot_order=[BootTier(vms=[b]), BootTier(vms=[a])]),
                 id=api.failover_id(p), task_queue=CONTROL_TASK_QUEUE,
                 result_type=api.FailoverStatus)
-            await wait_phase(mig, api.FailoverStatus, {"final-cycle", "booting", "health-check"}, 300)
-            stack.kill_workers()
-            stack.start_worker()
-            done: api.FailoverStatus = await asyncio.wait_for(mig.result(), 900)
+            done = await result_despite_kill(stack, mig, api.FailoverStatus,
+                                             {"final-cycle", "booting", "health-check"})
             assert done.phase == "done", done
             assert done.final_cycle.startswith("committed"), done.final_cycle
 
@@ -139,11 +136,8 @@ async def _group_dr(guest_image: GuestImage, stack: Stack, tmp_path: Path, a: st
                 api.FailbackInput(protection=p, start_original=False, keep_failed_over=True),
                 id=api.failback_id(p), task_queue=CONTROL_TASK_QUEUE,
                 result_type=api.FailbackStatus)
-            await wait_phase(fb, api.FailbackStatus, {"syncing", "shutdown-failed-over", "final-sync"},
-                             300)
-            stack.kill_workers()
-            stack.start_worker()
-            result: api.FailbackStatus = await asyncio.wait_for(fb.result(), 900)
+            result = await result_despite_kill(stack, fb, api.FailbackStatus,
+                                               {"syncing", "shutdown-failed-over", "final-sync"})
             assert result.phase == "done", result
             assert {x.vm for x in result.passes} == {a, b}, result.passes
             assert all(x.mode == "tracked" for x in result.passes), result.passes

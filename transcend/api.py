@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from transcend.alerts import Alert
+from transcend.guestprep import ReIpRule
 from transcend.models import (
     ChangeKind,
     ChangeSummary,
@@ -142,6 +143,13 @@ class StepResult(Model):
     stderr: str = Field(default="", description="the last 4,000 characters")
 
 
+ConvertMode = Literal["auto", "always", "never"]
+CONVERT_HELP = ("guest conversion with virt-v2v-in-place before the first boot: auto = when the "
+                "source hypervisor differs from the target's (KVM target), always, never")
+REIP_HELP = ("re-IP rules applied to the guest's static network configuration before the "
+             "first boot (each address in from_cidr moves to the same offset in to_cidr)")
+
+
 class BootTier(Model):
     """VMs of a consistency group booted together; the next tier starts once all of
     them passed their health check, and ``delay_seconds`` more."""
@@ -158,6 +166,8 @@ class TestFailoverInput(Model):
     boot_order: list[BootTier] = Field(default_factory=list, description="groups: the tiers; "
                                        "default one tier per VM in the protection's order")
     runbook: list[RunbookStep] = Field(default_factory=list)
+    convert: ConvertMode = Field(default="auto", description=CONVERT_HELP)
+    reip: list[ReIpRule] = Field(default_factory=list, description=REIP_HELP)
     keep_seconds: int = Field(default=4 * 3600, ge=0, le=30 * 86400,
                               description="clean up by itself after this long (0: at once)")
     network: str = Field(default="", description="target network; empty: isolated")
@@ -187,6 +197,8 @@ class RecoverVmInput(Model):
     health: HealthCheck
     target_platform: str
     target_queue: str
+    convert: ConvertMode = "auto"
+    reip: list[ReIpRule] = Field(default_factory=list)
 
 
 class RecoveredVm(Model):
@@ -374,11 +386,18 @@ class CommitInput(Model):
     staging: StagingHandle
     block_size: int
     streams: list[StreamResult]
+    checkpoints: list[Checkpoint] | None = Field(
+        default=None, description="the source checkpoints source.freeze reported (None: an "
+                                  "older worker froze; the commit asks the source connector)")
 
 
 class FreezeResult(Model):
     frozen: FrozenHandle
     changes: list[ChangeSummary]
+    checkpoints: list[Checkpoint] | None = Field(
+        default=None, description="what becomes current on commit (Frozen.new_checkpoints), "
+                                  "taken at the source site so the target site's commit needs "
+                                  "no source connector")
 
 
 class BeginInput(Model):
@@ -442,6 +461,8 @@ class BootInput(Model):
     network: str = ""
     isolated: bool = True
     vm: str = Field(default="", description="which VM of a group point (default the first)")
+    convert: ConvertMode = "auto"
+    reip: list[ReIpRule] = Field(default_factory=list)
 
 
 class BootResult(Model):
@@ -449,6 +470,7 @@ class BootResult(Model):
     instance_id: str
     name: str
     console_log: str
+    prepared: list[str] = Field(default_factory=list)
 
 
 class ProtectionView(Model):
@@ -527,6 +549,8 @@ class FailoverInput(Model):
                                        "default one tier per VM in the protection's order. "
                                        "Sources shut down in the reverse order")
     runbook: list[RunbookStep] = Field(default_factory=list)
+    convert: ConvertMode = Field(default="auto", description=CONVERT_HELP)
+    reip: list[ReIpRule] = Field(default_factory=list, description=REIP_HELP)
 
 
 class FailoverPlan(Model):
@@ -570,6 +594,8 @@ class ProductionBoot(Model):
     planned: bool
     final_cycle: str = ""
     source_was_running: bool = True
+    convert: ConvertMode = "auto"
+    reip: list[ReIpRule] = Field(default_factory=list)
 
 
 class ProductionVmInput(Model):

@@ -331,6 +331,23 @@ class _ManifestRow(_Base, table=True):
     data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class _StagedManifestRow(_Base, table=True):
+    """A running cycle's manifest of one disk, from ``stream.disk`` (source site) to
+    ``verify.sample`` and ``target.commit`` (target site), which may run on other
+    hosts. Removed when the cycle commits or aborts. A table of its own so catalogs
+    made before it gain it by create_all."""
+
+    __tablename__ = "staged_manifests"
+    protection: str = Field(
+        sa_column=Column(String, ForeignKey("protections.name", ondelete="CASCADE"), primary_key=True)
+    )
+    cycle_id: str = Field(primary_key=True)
+    disk: str = Field(primary_key=True)
+    sha256: str
+    updated_at: datetime = _when()
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
 class _CycleRow(_Base, table=True):
     __tablename__ = "cycles"
     cycle_id: str = Field(primary_key=True)
@@ -774,6 +791,7 @@ class Catalog:
             s.execute(delete(_WorkloadRow).where(col(_WorkloadRow.protection) == name))
             s.execute(delete(_CycleRow).where(col(_CycleRow.protection) == name))
             s.execute(delete(_DrRow).where(col(_DrRow.protection) == name))
+            s.execute(delete(_StagedManifestRow).where(col(_StagedManifestRow.protection) == name))
             s.delete(row)
 
         self._write(fn)
@@ -950,6 +968,47 @@ class Catalog:
                     "catalog (checksum mismatch); restore the catalog from a backup"
                 )
             return data
+
+    # ------------------------------------------------------------------ staged manifests
+
+    def stage_manifest(self, protection: str, cycle_id: str, disk: str, data: bytes) -> None:
+        """Store (or replace: a retried stream) the manifest a cycle's copy of ``disk``
+        produced, for the target site's verify and commit."""
+        digest = hashlib.sha256(data).hexdigest()
+
+        def fn(s: Session) -> None:
+            self._protection_row(s, protection)
+            row = s.get(_StagedManifestRow, (protection, cycle_id, disk))
+            if row is None:
+                row = _StagedManifestRow(protection=protection, cycle_id=cycle_id, disk=disk,
+                                         sha256=digest, updated_at=_now(), data=bytes(data))
+            else:
+                row.sha256, row.updated_at, row.data = digest, _now(), bytes(data)
+            s.add(row)
+
+        self._write(fn)
+
+    def staged_manifest(self, protection: str, cycle_id: str, disk: str) -> bytes:
+        with self._read() as s:
+            row = s.get(_StagedManifestRow, (protection, cycle_id, disk))
+            if row is None:
+                raise NotFoundError(f"manifest of running cycle {cycle_id!r} for disk", disk,
+                                    hint="the copy of that disk has not finished")
+            data = bytes(row.data)
+        if hashlib.sha256(data).hexdigest() != row.sha256:
+            raise CatalogError(f"staged manifest of cycle {cycle_id!r} disk {disk!r} is damaged "
+                               "in the catalog (checksum mismatch); run the cycle again")
+        return data
+
+    def drop_staged_manifests(self, protection: str, cycle_id: str) -> None:
+        """Forget a cycle's staged manifests (after its commit or abort); idempotent."""
+
+        def fn(s: Session) -> None:
+            s.execute(delete(_StagedManifestRow).where(
+                col(_StagedManifestRow.protection) == protection,
+                col(_StagedManifestRow.cycle_id) == cycle_id))
+
+        self._write(fn)
 
     def mark_deleting(self, point_id: str) -> None:
         """Hide the point from ``points()``; retention deletes its data, then calls

@@ -38,6 +38,7 @@ from transcend.api import (
     BootInput,
     BootResult,
     BootTier,
+    ConvertMode,
     FailbackInput,
     FailbackStatus,
     FailoverInput,
@@ -58,6 +59,7 @@ from transcend.api import (
     test_failover_id,
     verify_id,
 )
+from transcend.guestprep import ReIpRule
 from transcend.models import (
     PlatformKind,
     PlatformSpec,
@@ -233,20 +235,26 @@ def workloads(platform_name: str) -> None:
 @click.option("--bandwidth", default=None, help="bytes/s limit, e.g. 100M")
 @click.option("--test-failover-every", "drill", default=None,
               help="alert when no test failover succeeded for this long, e.g. 30d")
+@click.option("--priority", type=click.Choice(["critical", "normal", "low"]), default=None,
+              help="weight in the site bandwidth limit (critical 4, normal 2, low 1)")
+@click.option("--transfer", type=click.Choice(["auto", "local", "push"]), default=None,
+              help="how data crosses between sites: auto (local on one site, push across)")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the first point")
 @click.option("--timeout", default=3600, show_default=True)
 @run_async
 async def protect(name: str, source: str, vms: tuple[str, ...], target: str, rpo: str,
                   retention: str, continuous: bool, bandwidth: str | None, drill: str | None,
-                  wait: bool, timeout: int) -> None:
+                  priority: str | None, transfer: str | None, wait: bool, timeout: int) -> None:
     """Protect VMs: register, schedule cycles at the RPO and take the first point."""
     try:
-        policy = ProtectionPolicy(
-            rpo_seconds=parse_duration(rpo), retention=RetentionPolicy.parse(retention),
-            continuous=continuous,
-            bandwidth_bytes_per_s=_parse_size(bandwidth) if bandwidth else None,
-            test_failover_every_seconds=parse_duration(drill) if drill else None,
-        )
+        policy = ProtectionPolicy.model_validate({
+            "rpo_seconds": parse_duration(rpo), "retention": RetentionPolicy.parse(retention),
+            "continuous": continuous,
+            "bandwidth_bytes_per_s": _parse_size(bandwidth) if bandwidth else None,
+            "test_failover_every_seconds": parse_duration(drill) if drill else None,
+            **({"priority": priority} if priority else {}),
+            **({"transfer": transfer} if transfer else {}),
+        })
         spec = ProtectionSpec(name=name, source_platform=source, workloads=list(vms),
                               target_platform=target, policy=policy)
     except (ValidationError, ValueError) as e:
@@ -459,9 +467,16 @@ async def resume(name: str) -> None:
 @click.option("--continuous/--scheduled", default=None)
 @click.option("--test-failover-every", "drill", default=None,
               help="test-failover cadence, e.g. 30d; 'off' for none")
+@click.option("--bandwidth", default=None, help="bytes/s limit of each disk stream, e.g. 100M; "
+              "'off' for none")
+@click.option("--priority", type=click.Choice(["critical", "normal", "low"]), default=None,
+              help="weight in the site bandwidth limit (critical 4, normal 2, low 1)")
+@click.option("--transfer", type=click.Choice(["auto", "local", "push"]), default=None,
+              help="how data crosses between sites: auto (local on one site, push across)")
 @run_async
 async def policy(name: str, rpo: str | None, retention: str | None, continuous: bool | None,
-                 drill: str | None) -> None:
+                 drill: str | None, bandwidth: str | None, priority: str | None,
+                 transfer: str | None) -> None:
     """Change a protection's policy (validated before anything changes)."""
     current = _catalog().get_protection(name).spec.policy
     data = current.model_dump()
@@ -474,6 +489,12 @@ async def policy(name: str, rpo: str | None, retention: str | None, continuous: 
             data["continuous"] = continuous
         if drill:
             data["test_failover_every_seconds"] = None if drill == "off" else parse_duration(drill)
+        if bandwidth:
+            data["bandwidth_bytes_per_s"] = None if bandwidth == "off" else _parse_size(bandwidth)
+        if priority:
+            data["priority"] = priority
+        if transfer:
+            data["transfer"] = transfer
         new = ProtectionPolicy.model_validate(data)
     except (ValidationError, ValueError) as e:
         fail(str(e))
@@ -493,17 +514,24 @@ async def policy(name: str, rpo: str | None, retention: str | None, continuous: 
 @click.option("--tier", "tiers", multiple=True, metavar="VM[,VM...][@DELAY]",
               help="groups: a boot tier, in order (repeat); its VMs boot together, the next "
                    "tier after their health checks and DELAY (e.g. db@30s, app,web)")
+@click.option("--reip", "reip", multiple=True, metavar="FROM_CIDR=TO_CIDR",
+              help="re-IP static addresses before the first boot, e.g. 10.1.2.0/24=192.168.9.0/24 "
+                   "(repeat)")
+@click.option("--convert", type=click.Choice(["auto", "always", "never"]), default="auto",
+              show_default=True, help="virt-v2v-in-place conversion before the first boot "
+                                      "(auto: when the hypervisors differ)")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the health check")
 @run_async
 async def test_failover(protection: str, point_id: str | None, console_pattern: str,
                         health_timeout: str, keep: str, network: str, tiers: tuple[str, ...],
-                        wait: bool) -> None:
+                        reip: tuple[str, ...], convert: ConvertMode, wait: bool) -> None:
     """Boot a point as a throw-away VM in an isolated network and measure the RTO.
     Replication continues; `transcend cleanup PROTECTION` ends the test."""
     try:
         inp = TestFailoverInput(
             protection=protection, point_id=point_id, network=network,
             keep_seconds=parse_duration(keep), boot_order=parse_tiers(tiers),
+            reip=parse_reip(reip), convert=convert,
             health=HealthCheck(kind="console" if console_pattern else "none", pattern=console_pattern,
                                timeout_seconds=parse_duration(health_timeout)),
         )
@@ -554,6 +582,17 @@ async def cleanup(protection: str) -> None:
         return
     click.echo(f"test failover of {protection} cleaned up (RTO was "
                f"{st.rto_seconds:.1f}s)" if st.rto_seconds is not None else f"{protection}: cleaned up")
+
+
+def parse_reip(rules: tuple[str, ...]) -> list[ReIpRule]:
+    """``--reip 10.1.2.0/24=192.168.9.0/24`` -> re-IP rules."""
+    out = []
+    for r in rules:
+        a, sep, b = r.partition("=")
+        if not sep:
+            raise ValueError(f"--reip {r!r}: write FROM_CIDR=TO_CIDR, e.g. 10.1.2.0/24=192.168.9.0/24")
+        out.append(ReIpRule(from_cidr=a.strip(), to_cidr=b.strip()))
+    return out
 
 
 def parse_tiers(tiers: tuple[str, ...]) -> list[BootTier]:
@@ -632,6 +671,10 @@ _failover_options = [
     click.option("--tier", "tiers", multiple=True, metavar="VM[,VM...][@DELAY]",
                  help="groups: a boot tier, in order (repeat); sources shut down in the "
                       "reverse order"),
+    click.option("--reip", "reip", multiple=True, metavar="FROM_CIDR=TO_CIDR",
+                 help="re-IP static addresses before the first boot (repeat)"),
+    click.option("--convert", type=click.Choice(["auto", "always", "never"]), default="auto",
+                 show_default=True, help="virt-v2v-in-place conversion before the first boot"),
     click.option("--wait/--no-wait", default=True, show_default=True),
 ]
 
@@ -655,12 +698,12 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
 async def failover(protection: str, point_id: str | None, final_cycle: bool,
                    shutdown_source: bool, name: str, network: str, console_pattern: str,
                    health_timeout: str, shutdown_timeout: str, tiers: tuple[str, ...],
-                   wait: bool) -> None:
+                   reip: tuple[str, ...], convert: ConvertMode, wait: bool) -> None:
     """Unplanned failover: run the protection's VMs at the target from a point."""
     try:
         inp = FailoverInput(protection=protection, point_id=point_id, final_cycle=final_cycle,
                             shutdown_source=shutdown_source, name=name, network=network,
-                            boot_order=parse_tiers(tiers),
+                            boot_order=parse_tiers(tiers), reip=parse_reip(reip), convert=convert,
                             shutdown_timeout_seconds=parse_duration(shutdown_timeout),
                             health=_health(console_pattern, health_timeout))
     except (ValidationError, ValueError) as e:
@@ -675,12 +718,12 @@ async def failover(protection: str, point_id: str | None, final_cycle: bool,
 @run_async
 async def migrate(protection: str, name: str, network: str, console_pattern: str,
                   health_timeout: str, shutdown_timeout: str, tiers: tuple[str, ...],
-                  wait: bool) -> None:
+                  reip: tuple[str, ...], convert: ConvertMode, wait: bool) -> None:
     """Planned migration: shut the source down cleanly, replicate the last changes, run
     the VMs at the target. Nothing the guests wrote is lost."""
     try:
         inp = FailoverInput(protection=protection, planned=True, name=name, network=network,
-                            boot_order=parse_tiers(tiers),
+                            boot_order=parse_tiers(tiers), reip=parse_reip(reip), convert=convert,
                             shutdown_timeout_seconds=parse_duration(shutdown_timeout),
                             health=_health(console_pattern, health_timeout))
     except (ValidationError, ValueError) as e:

@@ -13,7 +13,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Settings(BaseModel):
@@ -36,6 +36,17 @@ class Settings(BaseModel):
     # the HMAC-SHA256 key that signs them (empty: unsigned).
     alert_webhooks: list[str] = Field(default_factory=list)
     alert_webhook_secret: str = ""
+    # NBD between sites (docs/sites.md). site_address: the host name or IP address other
+    # sites dial to reach this site's NBD exports (staging layers in "push" transfers);
+    # empty: this site exports only on unix sockets, i.e. to workers on its own host.
+    site_address: str = ""
+    # TCP ports this site's worker may listen on for those exports (one per disk of a
+    # running cycle); the site's firewall must let the other sites reach them.
+    nbd_port_min: int = Field(default=10810, ge=1, le=65535)
+    nbd_port_max: int = Field(default=10999, ge=1, le=65535)
+    # This site's x509 bundle (transcend/pki.py layout: ca-cert.pem, server-*.pem,
+    # client-*.pem). Empty: <pki_dir>/sites/<site>, where `transcend ca issue` puts it.
+    nbd_tls_dir: str = ""
 
     @field_validator("alert_webhooks", mode="before")
     @classmethod
@@ -50,6 +61,14 @@ class Settings(BaseModel):
                         f"alert webhook {url!r} is not an http:// or https:// URL; set "
                         "alert_webhooks (TRANSCEND_ALERT_WEBHOOKS) to comma-separated URLs")
         return v
+
+    @model_validator(mode="after")
+    def _port_range(self) -> Settings:
+        if self.nbd_port_min > self.nbd_port_max:
+            raise ValueError(
+                f"nbd_port_min {self.nbd_port_min} is above nbd_port_max {self.nbd_port_max}; "
+                "set TRANSCEND_NBD_PORT_MIN/TRANSCEND_NBD_PORT_MAX to a range such as 10810-10999")
+        return self
 
     @property
     def effective_catalog_url(self) -> str:
@@ -67,6 +86,12 @@ class Settings(BaseModel):
     def pki_dir(self) -> Path:
         """The CA and per-site certificates for NBD over TLS (transcend/pki.py)."""
         return self.home / "pki"
+
+    @property
+    def site_tls_dir(self) -> Path:
+        """This site's own certificates for NBD over TLS: ``nbd_tls_dir`` or
+        ``<pki_dir>/sites/<site>`` (served by qemu-nbd, presented by libnbd clients)."""
+        return Path(self.nbd_tls_dir) if self.nbd_tls_dir else self.pki_dir / "sites" / self.site
 
 
 def site_task_queue(site: str) -> str:
@@ -90,6 +115,10 @@ _ENV = {
     "otlp_endpoint": "TRANSCEND_OTLP_ENDPOINT",
     "alert_webhooks": "TRANSCEND_ALERT_WEBHOOKS",
     "alert_webhook_secret": "TRANSCEND_ALERT_WEBHOOK_SECRET",
+    "site_address": "TRANSCEND_SITE_ADDRESS",
+    "nbd_port_min": "TRANSCEND_NBD_PORT_MIN",
+    "nbd_port_max": "TRANSCEND_NBD_PORT_MAX",
+    "nbd_tls_dir": "TRANSCEND_NBD_TLS_DIR",
 }
 
 

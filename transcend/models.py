@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from transcend.guestprep import GuestPrep
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case name: a-z 0-9 . _ -")]
 DiskId = str
@@ -183,11 +185,28 @@ class ProtectionPolicy(Model):
         default=None, ge=60,
         description="a successful test failover is due this often (a DR drill cadence); when "
                     "none succeeded for that long the test_failover_overdue alert is sent")
+    transfer: Literal["auto", "local", "push"] = Field(
+        default="auto",
+        description="how the cycle's data reaches the target (docs/sites.md): local = NBD on "
+                    "unix sockets, both sites' workers on one host; push = the target site "
+                    "exports its staging over TCP with TLS and the source site writes to it; "
+                    "auto = local when both platforms are at the same site, push otherwise")
 
     @field_validator("retention", mode="before")
     @classmethod
     def _retention_text(cls, v: Any) -> Any:
         return RetentionPolicy.parse(v) if isinstance(v, str) else v
+
+
+Transfer = Literal["local", "push"]
+
+
+def effective_transfer(policy: ProtectionPolicy, source_site: str, target_site: str) -> Transfer:
+    """The transfer mode a cycle uses: ``auto`` resolved by the platforms' sites.
+    (Pull, the target reading the source's frozen export, is not built: docs/sites.md.)"""
+    if policy.transfer == "auto":
+        return "local" if source_site == target_site else "push"
+    return policy.transfer
 
 
 class ProtectionSpec(Model):
@@ -289,6 +308,11 @@ class StagingHandle(Model):
     cycle_id: str
     disks: list[DiskInfo]
     data: dict[str, Any] = Field(default_factory=dict, description="connector-specific state")
+    remote: dict[DiskId, NbdEndpoint] = Field(
+        default_factory=dict,
+        description="push transfers: where a writer at another site reaches each disk "
+                    "(nbds://site_address:port/export, without client credentials: each "
+                    "reader adds its own site's); empty when the staging is served locally")
 
 
 class PointDisk(Model):
@@ -345,6 +369,8 @@ class BootSpec(Model):
     tracking_name: str = ""
     # Runbook: source network name -> target network name, for NICs not given ``network``.
     network_map: dict[str, str] = Field(default_factory=dict)
+    # Before the first boot, on the overlays (transcend/guestprep.py): conversion, re-IP.
+    guest_prep: GuestPrep | None = None
 
 
 class Instance(Model):
@@ -356,3 +382,5 @@ class Instance(Model):
     network: str = ""
     state: str = "running"
     tracking: str = Field(default="", description="checkpoint started at boot (production)")
+    prepared: list[str] = Field(default_factory=list, description="what was done to the guest "
+                                "before its first boot (conversion, re-IP)")

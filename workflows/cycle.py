@@ -197,7 +197,7 @@ class CycleWorkflow:
                 "target.commit",
                 CommitInput(
                     ctx=ctx, frozen=frozen.frozen, staging=staging, block_size=BLOCK_SIZE,
-                    streams=self._streams,
+                    streams=self._streams, checkpoints=frozen.checkpoints,
                 ),
                 result_type=RecoveryPoint, task_queue=target_q, **SHORT
             )

@@ -71,7 +71,7 @@ with workflow.unsafe.imports_passed_through():
     from transcend.config import site_task_queue
     from transcend.models import Instance, ProtectionState, RecoveryPoint
     from workflows.cycle import HEARTBEAT, NON_RETRYABLE, SHORT, STREAM, _cause, record_rto
-    from workflows.failover import wait_healthy
+    from workflows.failover import BOOT, wait_healthy
     from workflows.notify import AlertQueue
     from workflows.runbook import run_steps
 
@@ -330,7 +330,8 @@ class _Failover:
                     boot=ProductionBoot(protection=inp.protection, point_id=point.id, vm=vm,
                                         name=plan.names[vm], network=inp.network,
                                         planned=inp.planned, final_cycle=self._status.final_cycle,
-                                        source_was_running=ref in was_running),
+                                        source_was_running=ref in was_running,
+                                        convert=inp.convert, reip=inp.reip),
                     health=tier.health or inp.health, target_queue=target_q),
                 id=f"{workflow.info().workflow_id}/{vm}", result_type=RecoveredVm)
         except ChildWorkflowError as e:
@@ -376,7 +377,7 @@ class ProductionVmWorkflow:
     async def run(self, inp: ProductionVmInput) -> RecoveredVm:
         instance: Instance = await workflow.execute_activity(
             "failover.boot", inp.boot, result_type=Instance, task_queue=inp.target_queue,
-            **SHORT)
+            **BOOT)
         booted_at = healthy_at = workflow.now()
         if inp.health.kind != "none":
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -39,6 +40,12 @@ with workflow.unsafe.imports_passed_through():
     from workflows.runbook import run_steps
 
 
+# A boot may convert the guest (virt-v2v-in-place) before starting it: minutes for a
+# real guest. The activity heartbeats meanwhile (in_thread), so a dead worker is still
+# noticed within the heartbeat timeout.
+BOOT: dict[str, Any] = {**SHORT, "start_to_close_timeout": timedelta(hours=1)}
+
+
 async def wait_healthy(instance: Instance, health: HealthCheck, queue: str) -> datetime:
     """When ``instance`` passed its health check (``instance.health`` at its site)."""
     healthy_at: datetime = await workflow.execute_activity(
@@ -61,12 +68,12 @@ class RecoverVmWorkflow:
         boot: BootResult = await workflow.execute_activity(
             "point.boot",
             BootInput(point_id=inp.point_id, name=inp.name, network=inp.network,
-                      isolated=inp.isolated, vm=inp.vm),
-            result_type=BootResult, task_queue=inp.target_queue, **SHORT
+                      isolated=inp.isolated, vm=inp.vm, convert=inp.convert, reip=inp.reip),
+            result_type=BootResult, task_queue=inp.target_queue, **BOOT
         )
         booted_at = workflow.now()
         instance = Instance(platform=inp.target_platform, id=boot.instance_id, name=boot.name,
-                            console_log=boot.console_log)
+                            console_log=boot.console_log, prepared=boot.prepared)
         healthy_at = await wait_healthy(instance, inp.health, inp.target_queue)
         return RecoveredVm(vm=inp.vm, instance=instance, booted_at=booted_at, healthy_at=healthy_at)
 
@@ -177,7 +184,8 @@ class TestFailoverWorkflow:
                 RECOVER_VM_WORKFLOW,
                 RecoverVmInput(point_id=point.id, vm=vm, name=names[vm], network=inp.network,
                                isolated=not inp.network, health=tier.health or inp.health,
-                               target_platform=target.name, target_queue=target_q),
+                               target_platform=target.name, target_queue=target_q,
+                               convert=inp.convert, reip=inp.reip),
                 id=f"{workflow.info().workflow_id}/{vm}", result_type=RecoveredVm,
             )
             for vm in tier.vms

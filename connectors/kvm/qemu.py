@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -44,6 +45,10 @@ class DiskFull(ConnectorError):
     """The filesystem holding an image ran out of space (ENOSPC)."""
 
 
+class PortInUse(ConnectorError):
+    """qemu-nbd could not listen on its TCP port: something else holds it."""
+
+
 def _tail(text: str, limit: int = 4000) -> str:
     text = text.strip()
     return text if len(text) <= limit else "..." + text[-limit:]
@@ -52,6 +57,12 @@ def _tail(text: str, limit: int = 4000) -> str:
 def _classify(cmd: str, stderr: str, what: str) -> ConnectorError:
     msg = f"{what} failed: {cmd}: {_tail(stderr) or 'no error output'}"
     low = stderr.lower()
+    if "address already in use" in low:
+        return PortInUse(msg)
+    if "cannot assign requested address" in low:
+        return PermanentError(
+            f"{msg}: the site address is not an address of this host; set "
+            "TRANSCEND_SITE_ADDRESS to one of its addresses (or a name resolving to one)")
     if "lock" in low and ("failed to get" in low or "another process" in low):
         return ImageLocked(msg)
     if "no space left on device" in low:
@@ -191,6 +202,15 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _argv_of(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0") if a]
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (PID 1 in a container does not always reap)."""
     try:
@@ -209,12 +229,31 @@ def nbd_uri(export: str, socket_path: str) -> str:
     return f"nbd+unix:///{quote(export, safe='/')}?socket={quote(socket_path, safe='/')}"
 
 
+def nbds_uri(export: str, host: str, port: int) -> str:
+    """TLS over TCP, without client credentials (each reader adds its own site's)."""
+    h = f"[{host}]" if ":" in host else host
+    return f"nbds://{h}:{port}/{quote(export, safe='/')}"
+
+
+@dataclass(frozen=True)
+class TcpListen:
+    """Where a TCP export listens and the x509 directory it serves TLS with (qemu's
+    tls-creds-x509 layout: ca-cert.pem, server-cert.pem, server-key.pem). Clients must
+    present a certificate of the same CA (``verify-peer=on``)."""
+
+    host: str
+    port: int
+    tls_dir: str
+
+
 @dataclass(frozen=True)
 class NbdExport:
-    """A qemu-nbd export of one image on a unix socket, run detached.
+    """A qemu-nbd export of one image on a unix socket (or, with ``tcp``, on a TCP
+    port with TLS), run detached.
 
     The pid file, log file and socket are all derived from ``socket_path`` so the
-    export can be found again by a different process after a crash."""
+    export can be found again by a different process after a crash; a TCP export is
+    found again by its pid file (its port is in the handle that started it)."""
 
     image: str
     socket_path: str
@@ -224,9 +263,12 @@ class NbdExport:
     readonly: bool
     cache: str = "none"
     fmt: str = "qcow2"
+    tcp: TcpListen | None = None
 
     @property
     def uri(self) -> str:
+        if self.tcp is not None:
+            return nbds_uri(self.export_name, self.tcp.host, self.tcp.port)
         return nbd_uri(self.export_name, self.socket_path)
 
     def pid(self) -> int | None:
@@ -238,17 +280,54 @@ class NbdExport:
         if not _running(pid):
             return None
         cmd = _cmdline(pid)
-        if "qemu-nbd" not in cmd or self.socket_path not in cmd:
+        if "qemu-nbd" not in cmd or self._identity not in cmd:
             return None  # pid reused by something else
         return pid
 
+    @property
+    def _identity(self) -> str:
+        """What only this export's qemu-nbd has on its command line."""
+        return self.socket_path if self.tcp is None else f"--pid-file={self.pid_file}"
+
+    def _reachable(self) -> bool:
+        """A running qemu-nbd can be dialled: its socket exists (TCP: it holds its port
+        for as long as it runs)."""
+        return self.tcp is not None or os.path.exists(self.socket_path)
+
     def alive(self) -> bool:
-        return self.pid() is not None and os.path.exists(self.socket_path)
+        return self.pid() is not None and self._reachable()
+
+    def running_listen(self) -> tuple[str, int, str] | None:
+        """``(host, port, tls_dir)`` the running qemu-nbd of this TCP export was started
+        with (a retried ``begin`` keeps the port a previous attempt chose), or None."""
+        pid = self.pid()
+        if pid is None or self.tcp is None:
+            return None
+        args = _argv_of(pid)
+        try:
+            host = args[args.index("--bind") + 1]
+            port = int(args[args.index("--port") + 1])
+        except (ValueError, IndexError):
+            return None
+        creds = next((a for a in args if a.startswith("tls-creds-x509,")), "")
+        m = re.search(r"(?:^|,)dir=((?:[^,]|,,)*)", creds)
+        return host, port, (m.group(1).replace(",,", ",") if m else "")
+
+    def _listen_args(self) -> list[str]:
+        if self.tcp is None:
+            return ["--socket", self.socket_path, "--shared=8"]
+        # qemu's --object option syntax: a comma in a value is written twice
+        tls_dir = self.tcp.tls_dir.replace(",", ",,")
+        # More clients than on a unix socket: after a cut link the server keeps the
+        # dead connections until TCP gives up on them, and the retried copy needs its own.
+        return ["--bind", self.tcp.host, "--port", str(self.tcp.port), "--shared=32",
+                "--object", f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer=on",
+                "--tls-creds", "tls0"]
 
     def argv(self, cache: str) -> list[str]:
         argv = [
-            "qemu-nbd", "--fork", f"--pid-file={self.pid_file}", "--socket", self.socket_path,
-            "--export-name", self.export_name, "--format", self.fmt, "--shared=8",
+            "qemu-nbd", "--fork", f"--pid-file={self.pid_file}", *self._listen_args(),
+            "--export-name", self.export_name, "--format", self.fmt,
             "--persistent", f"--cache={cache}", "--aio=threads",
         ]
         if self.readonly:
@@ -260,13 +339,14 @@ class NbdExport:
     def start(self, *, timeout: float = 30.0) -> int:
         """Start the export if it is not running; return its pid (idempotent)."""
         pid = self.pid()
-        if pid is not None and os.path.exists(self.socket_path):
+        if pid is not None and self._reachable():
             return pid
         if pid is not None:  # running but its socket is gone: nobody can reach it
             self.stop()
         for stale in (self.socket_path, self.pid_file):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(stale)
+                if stale:
+                    os.unlink(stale)
         try:
             return self._start(self.cache, timeout)
         except ConnectorError as e:
@@ -291,16 +371,23 @@ class NbdExport:
         if proc.returncode != 0:
             raise _classify(cmd, self.log(), f"starting qemu-nbd (exit {proc.returncode})")
         deadline = time.monotonic() + timeout
+        where = self.socket_path if self.tcp is None else f"{self.tcp.host}:{self.tcp.port}"
         while True:
             pid = self.pid()
-            if pid is not None and _greets(self.socket_path):
+            if pid is not None and self._greets():
                 return pid
             if time.monotonic() > deadline:
                 raise ConnectorError(
-                    f"qemu-nbd for {self.image} is not answering on {self.socket_path} "
+                    f"qemu-nbd for {self.image} is not answering on {where} "
                     f"after {timeout:.0f}s: {self.log() or 'no log output'}"
                 )
             time.sleep(0.02)
+
+    def _greets(self) -> bool:
+        if self.tcp is None:
+            return _greets(self.socket_path)
+        # The NBD greeting comes before STARTTLS, so a plain connect sees it too.
+        return _greets_tcp(self.tcp.host, self.tcp.port)
 
     def log(self) -> str:
         try:
@@ -328,7 +415,8 @@ class NbdExport:
                 _wait_gone(pid, 10.0)
         for f in (self.socket_path, self.pid_file, self.log_file):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f)
+                if f:
+                    os.unlink(f)
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -346,17 +434,50 @@ def _greets(socket_path: str) -> bool:
     s.settimeout(2.0)
     try:
         s.connect(socket_path)
-        data = b""
-        while len(data) < 8:
-            chunk = s.recv(8 - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data == b"NBDMAGIC"
+        return _read_greeting(s)
     except OSError:
         return False
     finally:
         s.close()
+
+
+def _greets_tcp(host: str, port: int) -> bool:
+    try:
+        s = socket.create_connection((host, port), timeout=2.0)
+    except OSError:
+        return False
+    try:
+        return _read_greeting(s)
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _read_greeting(s: socket.socket) -> bool:
+    data = b""
+    while len(data) < 8:
+        chunk = s.recv(8 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data == b"NBDMAGIC"
+
+
+def port_free(host: str, port: int) -> bool:
+    """Nothing listens on ``host:port`` (a quick probe before starting qemu-nbd there;
+    the start itself still handles losing a race for the port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # as qemu does: a port whose old connections linger in TIME_WAIT is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
 
 
 # --------------------------------------------------------------------------- reading exports

@@ -21,6 +21,7 @@ See docs/platforms/kvm.md, section "Target".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -28,6 +29,7 @@ import re
 import secrets
 import shutil
 import stat
+import subprocess
 import tempfile
 import threading
 import xml.etree.ElementTree as ET
@@ -45,14 +47,18 @@ from connectors.kvm.qemu import (
     DiskFull,
     ImageLocked,
     NbdExport,
+    PortInUse,
+    TcpListen,
     backing_chain,
     backing_path,
     create_qcow2,
     fsync_path,
+    port_free,
     processes_using,
     qcow2_header,
     run_qemu_img,
 )
+from transcend.guestprep import GuestPrepError, prepare_guest
 from transcend.models import (
     BootSpec,
     DiskId,
@@ -66,6 +72,7 @@ from transcend.models import (
     StagingHandle,
     Workload,
 )
+from transcend.nbdtls import RemoteExport
 
 DEFAULT_URI = "qemu:///system"
 CLUSTER_SIZE = 65536
@@ -244,6 +251,51 @@ class KvmTarget:
         return self._export("st", _key("staging", protection, cycle_id, disk), staging, disk,
                             readonly=False)
 
+    def _staging_tcp_export(self, protection: str, cycle_id: str, disk: DiskId, staging: Path,
+                            remote: RemoteExport) -> NbdExport:
+        """The push-transfer export of a staging layer: its own pid/log files ("sn"), so
+        it never mistakes a unix-socket export of the same layer for itself. The port
+        is a placeholder until ``_serve_tcp`` picks one."""
+        key = _key("staging", protection, cycle_id, disk)
+        return dataclasses.replace(
+            self._export("sn", key, staging, disk, readonly=False), socket_path="",
+            tcp=TcpListen(host=remote.address, port=0, tls_dir=remote.tls_dir))
+
+    def _serve_tcp(self, export: NbdExport, remote: RemoteExport) -> NbdExport:
+        """Start ``export`` on a free port of the site's range and return it with that
+        port. A qemu-nbd a previous attempt of this ``begin`` started is kept (same
+        address and certificates), so its port, which a writer may know, stays."""
+        running = export.running_listen()
+        if running is not None:
+            host, port, tls_dir = running
+            if (host, tls_dir) == (remote.address, remote.tls_dir):
+                return dataclasses.replace(export, tcp=TcpListen(host, port, tls_dir))
+            export.stop(kill=True)  # the site's address or certificates changed since
+        span = remote.port_max - remote.port_min + 1
+        # Start the search at a place derived from the export, so concurrent begins of
+        # different disks rarely probe the same port first.
+        first = int(_key(export.pid_file), 16) % span
+        for i in range(span):
+            port = remote.port_min + (first + i) % span
+            candidate = dataclasses.replace(
+                export, tcp=TcpListen(remote.address, port, remote.tls_dir))
+            try:
+                if not port_free(remote.address, port):
+                    continue
+                candidate.start()
+            except PortInUse:
+                continue  # another process took it between the probe and the start
+            except OSError as e:
+                raise PermanentError(
+                    f"cannot listen on {remote.address}:{port} ({e.strerror or e}): the site "
+                    "address must be an address of this host; set TRANSCEND_SITE_ADDRESS "
+                    "accordingly") from e
+            return candidate
+        raise ConnectorError(
+            f"no free TCP port between {remote.port_min} and {remote.port_max} on "
+            f"{remote.address} for a staging export: widen TRANSCEND_NBD_PORT_MIN/MAX or "
+            "let running cycles finish")
+
     def _point_export(self, point: RecoveryPoint, pd: PointDisk) -> NbdExport:
         return self._export("rp", _key("point", point.protection, point.id, pd.disk),
                             Path(pd.location), pd.disk, readonly=True)
@@ -264,6 +316,18 @@ class KvmTarget:
 
     def begin(self, protection: str, cycle_id: str, disks: list[DiskInfo],
               last: RecoveryPoint | None) -> KvmStaging:
+        """Staging layers exported on unix sockets (writers on this host)."""
+        return self._begin(protection, cycle_id, disks, last, None)
+
+    def begin_remote(self, protection: str, cycle_id: str, disks: list[DiskInfo],
+                     last: RecoveryPoint | None, remote: RemoteExport) -> KvmStaging:
+        """Staging layers exported over TCP with TLS on ``remote.address`` (a push
+        transfer: the source site writes from another host). ``handle.remote`` holds
+        the ``nbds://`` URIs; writers add their own client certificates."""
+        return self._begin(protection, cycle_id, disks, last, remote)
+
+    def _begin(self, protection: str, cycle_id: str, disks: list[DiskInfo],
+               last: RecoveryPoint | None, remote: RemoteExport | None) -> KvmStaging:
         self.prepare(protection, disks)
         committed = [d.id for d in disks if self.layer_path(protection, cycle_id, d.id).exists()]
         if committed:
@@ -288,9 +352,12 @@ class KvmTarget:
                         "replicas only grow: protect the workload again"
                     )
             staging = self.staging_path(protection, cycle_id, d.id)
-            export = self._staging_export(protection, cycle_id, d.id, staging)
+            export = (self._staging_export(protection, cycle_id, d.id, staging) if remote is None
+                      else self._staging_tcp_export(protection, cycle_id, d.id, staging, remote))
             with self._io(f"creating staging layer {staging}"):
                 self._ensure_staging(staging, export, d.size, backing)
+                if remote is not None:
+                    export = self._serve_tcp(export, remote)
             entries[d.id] = {
                 "staging": str(staging),
                 "layer": str(self.layer_path(protection, cycle_id, d.id)),
@@ -302,12 +369,16 @@ class KvmTarget:
                 "export": export.export_name,
                 "cache": export.cache,
             }
+            if export.tcp is not None:
+                entries[d.id]["tcp"] = dataclasses.asdict(export.tcp)
         handle = StagingHandle(
             platform=self.info.name, protection=protection, cycle_id=cycle_id,
             disks=list(disks), data={"version": HANDLE_VERSION, "disks": entries},
         )
         staging_obj = KvmStaging(self, handle)
         staging_obj.start_exports()
+        if remote is not None:
+            handle.remote = {d.id: staging_obj.endpoint(d.id) for d in disks}
         return staging_obj
 
     def _ensure_staging(self, staging: Path, export: NbdExport, size: int, backing: str) -> None:
@@ -571,6 +642,7 @@ class KvmTarget:
                         bus=info.bus if info else "virtio",
                         boot_order=info.boot_order if info else None,
                     ))
+            prepared = self._prepare_guest(spec, [b.overlay for b in bdisks], boot_dir)
             shape = dx.DomainShape(
                 name=spec.name,
                 domain_type=self.domain_type,
@@ -604,9 +676,24 @@ class KvmTarget:
                     self._undefine(dom)
                 shutil.rmtree(boot_dir, ignore_errors=True)
                 raise
-            return self._instance(dom, spec, console_log, network)
+            instance = self._instance(dom, spec, console_log, network)
+            instance.prepared = prepared
+            return instance
         finally:
             conn.close()
+
+    @staticmethod
+    def _prepare_guest(spec: BootSpec, overlays: list[str], boot_dir: Path) -> list[str]:
+        """Conversion and re-IP on the fresh overlays, before the domain exists (the
+        point's layers are their read-only backing files). A failure removes the
+        overlays and is permanent: the guest, not the moment, is the problem."""
+        if spec.guest_prep is None or not spec.guest_prep.needed():
+            return []
+        try:
+            return prepare_guest(overlays, spec.guest_prep)
+        except (GuestPrepError, OSError, subprocess.SubprocessError) as e:
+            shutil.rmtree(boot_dir, ignore_errors=True)
+            raise PermanentError(f"preparing {spec.name!r} before its first boot failed: {e}") from e
 
     @staticmethod
     def _files_present(dom: libvirt.virDomain) -> bool:
@@ -774,9 +861,10 @@ class KvmStaging:
 
     def _nbd(self, disk: DiskId) -> NbdExport:
         e = self._entry(disk)
+        tcp = TcpListen(**e["tcp"]) if e.get("tcp") else None
         return NbdExport(image=e["staging"], socket_path=e["socket"], pid_file=e["pid_file"],
                          log_file=e["log_file"], export_name=e["export"], readonly=False,
-                         cache=e["cache"])
+                         cache=e["cache"], tcp=tcp)
 
     def _entry(self, disk: DiskId) -> dict[str, Any]:
         try:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, TypeVar
 
 import libvirt
 import pytest
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDReusePolicy
 
-from tests.harness.protect import failure_text
+from tests.harness.protect import failure_text, wait_phase
+from tests.harness.stack import Stack
 from transcend.api import CONTROL_TASK_QUEUE
+
+S = TypeVar("S")
 
 
 def domain_active(name: str) -> bool:
@@ -44,3 +48,13 @@ async def refused(client: Client, workflow: str, inp: Any, wid: str) -> str:
         await client.execute_workflow(workflow, inp, id=wid, task_queue=CONTROL_TASK_QUEUE,
                                       id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE)
     return failure_text(e.value)
+
+
+async def result_despite_kill(stack: Stack, handle: WorkflowHandle[Any, S], status_type: type[Any],
+                              phases: set[str], timeout: float = 900) -> S:
+    """Wait until the operation is in one of ``phases``, kill -9 the worker, start a new
+    one, and return the workflow's result: the operation must survive the crash."""
+    await wait_phase(handle, status_type, phases, 300)
+    stack.kill_workers()
+    stack.start_worker()
+    return await asyncio.wait_for(handle.result(), timeout)

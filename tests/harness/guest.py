@@ -75,6 +75,9 @@ BOOT_MARKER = "TRANSCEND-GUEST-BOOTED"
 PROGRESS_MARKER = "TRANSCEND-GUEST-PROGRESS"
 STOPPED_MARKER = "TRANSCEND-GUEST-STOPPED"
 ERROR_MARKER = "TRANSCEND-GUEST-ERROR"
+#: "<marker> <interface> <address/prefix>" per global IPv4 address, printed at boot
+#: after ``ifup -a`` when the disk has an /etc/network/interfaces (static addresses).
+NET_MARKER = "TRANSCEND-GUEST-NET"
 
 #: Bump when the layout or the guest scripts change in a way the cache key would miss.
 BUILD_FORMAT = 1
@@ -255,6 +258,15 @@ hostname transcend-guest
 i=0
 while [ ! -e /dev/input/event0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 acpid -c /etc/acpi -l /run/acpid.log -p /run/acpid.pid
+# static network configuration (ifupdown), if the disk has one: the re-IP tests read
+# the addresses the guest actually configured from the console
+if [ -s /etc/network/interfaces ]; then
+    mkdir -p /var/run /etc/network/if-pre-up.d /etc/network/if-up.d
+    ifup -a 2>&1 | sed 's/^/transcend guest: ifup: /' >/dev/console
+    ip -4 addr show |
+        sed -n 's/^ *inet \([0-9./]*\) .*scope global.* \([a-z0-9]*\)$/@NET_MARKER@ \2 \1/p' \
+        >/dev/console
+fi
 """
 
 RCK = r"""#!/bin/sh
@@ -412,6 +424,7 @@ def _render(template: str) -> str:
     values = {
         "@ROOT_LABEL@": ROOT_LABEL,
         "@ERROR@": ERROR_MARKER,
+        "@NET_MARKER@": NET_MARKER,
         "@BOOT_MARKER@": BOOT_MARKER,
         "@PROGRESS_MARKER@": PROGRESS_MARKER,
         "@STOPPED_MARKER@": STOPPED_MARKER,
@@ -757,7 +770,8 @@ def _copy_into(src: Path, dst: io.BufferedRandom, offset: int) -> None:
             pos += len(data)
 
 
-def _assemble_raw(image: GuestImage, raw: Path, disk_size: int, config: GuestConfig) -> None:
+def _assemble_raw(image: GuestImage, raw: Path, disk_size: int, config: GuestConfig,
+                  root: Path | None = None) -> None:
     if disk_size < RECORDS_START + 2 * MIB or disk_size % MIB:
         raise ValueError(f"disk_size must be a multiple of 1 MiB and >= {RECORDS_START // MIB + 2} MiB")
     if disk_size > 2 * 1024**4:
@@ -767,9 +781,28 @@ def _assemble_raw(image: GuestImage, raw: Path, disk_size: int, config: GuestCon
         f.seek(0)
         f.write(_mbr(image.mbr_code.read_bytes(), disk_size))
         _copy_into(image.boot_partition, f, BOOT_START)
-        _copy_into(image.root_partition, f, ROOT_START)
+        _copy_into(root or image.root_partition, f, ROOT_START)
         f.seek(RECORDS_START)
         f.write(config.to_sector())
+
+
+def _add_root_files(root: Path, files: dict[str, str]) -> None:
+    """Write ``files`` into the ext4 image ``root`` with debugfs (no mount)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = []
+        for i, (path, text) in enumerate(sorted(files.items())):
+            if not path.startswith("/") or path.endswith("/"):
+                raise ValueError(f"root file {path!r} must be an absolute file path")
+            local = Path(tmp) / f"f{i}"
+            local.write_text(text)
+            parts = path.strip("/").split("/")
+            for depth in range(1, len(parts)):  # "mkdir" of an existing dir only complains
+                script.append("mkdir /" + "/".join(parts[:depth]))
+            script += [f"rm {path}", f"write {local} {path}", f"sif {path} mode 0100644"]
+        cmds = Path(tmp) / "cmds.debugfs"
+        cmds.write_text("\n".join(script) + "\n")
+        debugfs = shutil.which("debugfs") or "/sbin/debugfs"
+        _run([debugfs, "-w", "-f", str(cmds), str(root)])
 
 
 def _qcow2_from_raw(raw: Path, dest: Path) -> None:
@@ -912,6 +945,7 @@ def make_guest_disk(
     disk_size: int = DEFAULT_DISK_SIZE,
     image: GuestImage | None = None,
     cache_dir: Path | str | None = None,
+    root_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a fresh, standalone qcow2 guest disk at ``dest_path`` and return its path.
 
@@ -919,7 +953,8 @@ def make_guest_disk(
     records/s of ``record_size`` bytes.  ``disk_size`` (MiB multiple, >= 67 MiB) sets
     the virtual size; the records partition gets everything after 65 MiB.  Builds the
     guest first (``build_guest(cache_dir)``) unless ``image`` is given.  An existing
-    file at ``dest_path`` is replaced.
+    file at ``dest_path`` is replaced.  ``root_files`` (absolute path -> text) are
+    added to this disk's root file system, e.g. an /etc/network/interfaces.
     """
     config = GuestConfig(rate=rate, record_size=record_size, progress_every=progress_every)
     img = image if image is not None else build_guest(cache_dir)
@@ -927,7 +962,12 @@ def make_guest_disk(
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".guest-disk-") as tmp:
         raw = Path(tmp) / "disk.raw"
-        _assemble_raw(img, raw, disk_size, config)
+        root = None
+        if root_files:
+            root = Path(tmp) / "root.ext4"
+            shutil.copyfile(img.root_partition, root)
+            _add_root_files(root, root_files)
+        _assemble_raw(img, raw, disk_size, config, root)
         _qcow2_from_raw(raw, dest)
     return dest
 

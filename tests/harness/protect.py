@@ -154,11 +154,14 @@ GUEST_BOOT_TIMEOUT = 180
 
 @contextlib.contextmanager
 def booted_guest(image: GuestImage, workdir: Path, name: str, *, extra_disks: Sequence[DiskSpec] = (),
-                 network: str | None = None) -> Iterator[tuple[libvirt.virDomain, Path]]:
+                 network: str | None = None, root_files: dict[str, str] | None = None
+                 ) -> Iterator[tuple[libvirt.virDomain, Path]]:
     """A fresh test guest (records at 20/s) running under libvirt, booted (its boot
     marker seen on the console); yields the domain and its system disk. Removed on exit.
-    ``network``: a libvirt network for one virtio NIC (none by default)."""
-    disk = make_guest_disk(workdir / "src.qcow2", rate=20, progress_every=1000, image=image)
+    ``network``: a libvirt network for one virtio NIC (none by default); ``root_files``:
+    files added to its root file system (make_guest_disk)."""
+    disk = make_guest_disk(workdir / "src.qcow2", rate=20, progress_every=1000, image=image,
+                           root_files=root_files)
     console = workdir / "console.log"
     disks: Path | list[DiskSpec] = [DiskSpec(path=disk, target="vda"), *extra_disks] if extra_disks else disk
     with running_domain(name, disks, console, network=network) as dom:
