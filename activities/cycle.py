@@ -29,7 +29,7 @@ from temporalio.exceptions import ApplicationError
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
 from connectors.base import Busy, ChangeSet, Frozen, PermanentError, Staging
-from transcend import nbdtls
+from transcend import nbdtls, pullexport
 from transcend import retention as retention_rules
 from transcend.api import (
     AbortInput,
@@ -54,6 +54,8 @@ from transcend.models import (
     FreezeOptions,
     FrozenHandle,
     NbdEndpoint,
+    PlatformInfo,
+    PlatformKind,
     PointDisk,
     PointMeta,
     ProtectionState,
@@ -119,6 +121,7 @@ class CycleActivities:
             source_info = cat.get_platform(rec.spec.source_platform)
             target_info = cat.get_platform(rec.spec.target_platform)
             check_transfer(rec.spec.policy.transfer, source_info.site, target_info.site)
+            check_pull_source(rec.spec.policy.transfer, source_info)
             source = self.ctx.source(source_info.name)
             # Refresh the VM's shape: a grown or added disk must exist on the replica
             # before anything is written to it.
@@ -178,11 +181,24 @@ class CycleActivities:
                 handle.kinds[disk.id] = ChangeKind.RESYNC
                 handle.reasons[disk.id] = "no source checkpoint for a disk the replica holds"
         try:
-            summaries = [frozen.changes(d.id).summary for d in handle.disks]
+            changes = {d.id: frozen.changes(d.id) for d in handle.disks}
             checkpoints = frozen.new_checkpoints()
+            if _transfer(ctx) == "pull":
+                self._serve_pull(ctx, frozen, changes)
         finally:
             frozen.close()
-        return FreezeResult(frozen=handle, changes=summaries, checkpoints=checkpoints)
+        return FreezeResult(frozen=handle, changes=[c.summary for c in changes.values()],
+                            checkpoints=checkpoints)
+
+    def _serve_pull(self, ctx: CycleContext, frozen: Frozen,
+                    changes: dict[str, ChangeSet]) -> None:
+        """Pull: the target site streams; give it the change sets (through the catalog)
+        and the frozen disks (TLS fronts on this site's address) in the handle."""
+        for disk, cs in changes.items():
+            self.ctx.catalog.stage_changes(ctx.protection, ctx.cycle_id, disk,
+                                           pullexport.pack_changes(cs))
+        with permanent():
+            frozen.handle.remote = pullexport.serve_frozen(self.ctx.settings, frozen)
 
     # ------------------------------------------------------------------ staging
 
@@ -194,7 +210,9 @@ class CycleActivities:
         ctx = inp.ctx
         target = self.ctx.target(ctx.target.name)
         with permanent():
-            if _transfer(ctx) == "local":
+            if _transfer(ctx) in ("local", "pull"):
+                # The writer is on this host: the source site's worker (local) or this
+                # site's own stream reading the source's frozen export (pull).
                 staging = target.begin(ctx.protection, ctx.cycle_id, inp.disks, ctx.last_point)
                 return staging.handle
             # Push: the source site writes from another host, over TCP with TLS.
@@ -230,7 +248,9 @@ class CycleActivities:
                 resume_from = int(details.get("durable_offset", 0))
         prepared = await asyncio.to_thread(self._prepare_stream, inp, resume_from)
         stream, manifest, original, mpath, changes, resume_from, frozen, staging = prepared
-        dst_uri = inp.staging.remote[inp.disk].uri if inp.disk in inp.staging.remote else ""
+        uris = {"source": inp.frozen.remote[inp.disk].uri if inp.disk in inp.frozen.remote else "",
+                "destination": (inp.staging.remote[inp.disk].uri
+                                if inp.disk in inp.staging.remote else "")}
         policy = inp.ctx.policy
         try:
             # The site's bandwidth limit is shared by every stream this worker runs,
@@ -239,14 +259,14 @@ class CycleActivities:
                     f"{inp.ctx.protection}/{inp.disk}", stream, policy.priority,
                     policy.bandwidth_bytes_per_s):
                 return await self._run_stream(inp, stream, manifest, original, mpath, changes,
-                                              resume_from, dst_uri)
+                                              resume_from, uris)
         finally:
             # The NBD servers this activity started, if the connectors start them per use.
             await asyncio.to_thread(_close_all, frozen, staging)
 
     async def _run_stream(self, inp: StreamInput, stream: blockstream.Stream, manifest: bytearray,
                           original: bytes, mpath: Path, changes: ChangeSet,
-                          resume_from: int, dst_uri: str) -> StreamResult:
+                          resume_from: int, uris: dict[str, str]) -> StreamResult:
         started = time.monotonic()
         task = asyncio.create_task(asyncio.to_thread(stream.run))
         saved_at = resume_from
@@ -267,8 +287,9 @@ class CycleActivities:
             await asyncio.gather(task, return_exceptions=True)
             raise
         except blockstream.BlockstreamError as e:
-            refused = nbdtls.tls_refusal(dst_uri, e.nbd_error or str(e), self.ctx.settings)
-            if refused is not None and e.endpoint == "destination":
+            refused = nbdtls.tls_refusal(uris.get(e.endpoint or "", ""), e.nbd_error or str(e),
+                                         self.ctx.settings)
+            if refused is not None:
                 # A certificate problem does not heal by retrying; say so at once.
                 raise ApplicationError(f"copying disk {inp.disk}: {refused}",
                                        type="TlsRefused", non_retryable=True) from e
@@ -303,12 +324,26 @@ class CycleActivities:
 
     def _prepare_stream(
         self, inp: StreamInput, resume_from: int
-    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int, Frozen,
+    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int, Frozen | None,
                Staging | None]:
-        source = self.ctx.source(inp.ctx.source.name)
-        frozen = source.reopen(inp.frozen)
+        frozen: Frozen | None = None
         staging: Staging | None = None
         try:
+            if inp.disk in inp.frozen.remote:
+                # Pull: this is the target site; the frozen disk is served by the source
+                # site over TLS and its change set was staged in the catalog by the freeze.
+                with permanent():
+                    src = inp.frozen.remote[inp.disk]
+                    src = src.model_copy(
+                        update={"uri": nbdtls.with_local_credentials(src.uri, self.ctx.settings)})
+                changes = pullexport.unpack_changes(self.ctx.catalog.staged_changes(
+                    inp.ctx.protection, inp.ctx.cycle_id, inp.disk))
+            else:
+                frozen = self.ctx.source(inp.ctx.source.name).reopen(inp.frozen)
+                changes = frozen.changes(inp.disk)
+                src = frozen.export(inp.disk)
+                src = src.model_copy(
+                    update={"uri": nbdtls.with_local_credentials(src.uri, self.ctx.settings)})
             if inp.disk in inp.staging.remote:
                 # Push: the staging lives on the target site's host, served over TLS;
                 # only its URI is used here, with this site's client certificate.
@@ -319,16 +354,15 @@ class CycleActivities:
             else:
                 staging = self.ctx.target(inp.ctx.target.name).resume(inp.staging)
                 dst = staging.endpoint(inp.disk)
-            return (*self._plan_stream(inp, resume_from, frozen, dst), frozen, staging)
+            return (*self._plan_stream(inp, resume_from, changes, src, dst), frozen, staging)
         except BaseException:
             _close_all(frozen, staging)
             raise
 
     def _plan_stream(
-        self, inp: StreamInput, resume_from: int, frozen: Frozen, dst: NbdEndpoint
+        self, inp: StreamInput, resume_from: int, changes: ChangeSet, src: NbdEndpoint,
+        dst: NbdEndpoint
     ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int]:
-        changes = frozen.changes(inp.disk)
-        src = frozen.export(inp.disk)
         disk_size = src.size
         mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id, inp.disk)
         kind = changes.summary.kind
@@ -341,7 +375,7 @@ class CycleActivities:
             resume_from = 0
         extents = [blockstream.Extent(e.offset, e.length, e.zero) for e in changes.extents]
         stream = blockstream.Stream(
-            nbdtls.with_local_credentials(src.uri, self.ctx.settings),
+            src.uri,
             dst.uri,
             extents,
             disk_size=disk_size,
@@ -498,6 +532,8 @@ class CycleActivities:
     @activity.defn(name="source.release")
     async def release(self, inp: ReleaseInput) -> None:
         def run() -> None:
+            if inp.frozen.remote:  # pull: nobody reads the frozen disks any more
+                pullexport.stop_frozen(self.ctx.settings, inp.frozen)
             source = self.ctx.source(inp.ctx.source.name)
             source.reopen(inp.frozen).release(inp.committed)
             work = self.ctx.settings.home / "work" / inp.ctx.protection / inp.ctx.cycle_id
@@ -583,6 +619,16 @@ def check_transfer(transfer: str, source_site: str, target_site: str) -> None:
             f"source is at site {source_site!r} and its target at site {target_site!r}: set "
             "the policy's transfer to 'push' (or 'auto') for NBD over TLS between the sites "
             "(docs/sites.md)")
+
+
+def check_pull_source(transfer: str, source: PlatformInfo) -> None:
+    """Pull needs frozen exports that live from freeze to release (the fronts of
+    transcend/pullexport.py point at them); only the KVM source's backup exports do."""
+    if transfer == "pull" and source.kind != PlatformKind.KVM:
+        raise PermanentError(
+            f"the protection's transfer is 'pull' but its source platform {source.name!r} is "
+            f"{source.kind.value}: only KVM sources serve their frozen disks to another site "
+            "yet; use 'push' (the target site serves its staging) or 'auto'")
 
 
 def flush_interval(bandwidth: int | None) -> int:

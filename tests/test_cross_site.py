@@ -58,13 +58,15 @@ from tests.harness.protect import (
     wait_for,
 )
 from tests.harness.records import check_contiguous, read_records
-from transcend import nbdtls, pki
+from connectors.base import ChangeExtent, ChangeSet
+from transcend import nbdtls, pki, pullexport
 from transcend.api import ReplicationStatus
 from transcend.catalog import Catalog
 from transcend.client import codec_keys, connect
 from transcend.config import Settings, load_settings
 from transcend.models import (
     ChangeKind,
+    ChangeSummary,
     DiskInfo,
     PlatformInfo,
     PlatformKind,
@@ -120,7 +122,7 @@ def _settings(site: str, home: Path, tls_dir: Path | None = None, address: str =
 
 
 def test_transfer_mode_follows_the_sites() -> None:
-    from activities.cycle import check_transfer
+    from activities.cycle import check_pull_source, check_transfer
     from connectors.base import PermanentError
 
     auto = ProtectionPolicy(rpo_seconds=60)
@@ -134,8 +136,32 @@ def test_transfer_mode_follows_the_sites() -> None:
     check_transfer("local", "a", "a")
     with pytest.raises(PermanentError, match=r"'local'.*site 'a'.*site 'b'.*push"):
         check_transfer("local", "a", "b")
+    pull = ProtectionPolicy(rpo_seconds=60, transfer="pull")
+    assert effective_transfer(pull, "a", "b") == "pull"
+    check_transfer("pull", "a", "b")
     with pytest.raises(ValueError, match="transfer"):
-        ProtectionPolicy(rpo_seconds=60, transfer="pull")  # type: ignore[arg-type]
+        ProtectionPolicy(rpo_seconds=60, transfer="sideways")  # type: ignore[arg-type]
+    # pull needs frozen exports that live from freeze to release: KVM sources only
+    check_pull_source("pull", PlatformInfo(name="k", kind=PlatformKind.KVM, site="a", config={}))
+    vmw = PlatformInfo(name="vc", kind=PlatformKind.VMWARE, site="a", config={})
+    check_pull_source("push", vmw)
+    with pytest.raises(PermanentError, match=r"'pull'.*'vc' is vmware.*'push'"):
+        check_pull_source("pull", vmw)
+
+
+def test_change_sets_survive_the_catalog() -> None:
+    """A pull transfer's change set goes from the source site's freeze to the target
+    site's stream as bytes: every extent and the summary come back equal."""
+    rng = random.Random(7)
+    extents = [ChangeExtent(rng.randrange(1 << 40) * BS, rng.randrange(1, 1 << 20) * BS,
+                            rng.random() < 0.3) for _ in range(5000)]
+    summary = ChangeSummary(disk="vda", kind=ChangeKind.INCREMENTAL, extents=len(extents),
+                            data_bytes=123, disk_size=1 << 50, reason="bitmap")
+    packed = pullexport.pack_changes(ChangeSet(summary=summary, extents=extents))
+    back = pullexport.unpack_changes(packed)
+    assert back.summary == summary and back.extents == extents
+    with pytest.raises(ValueError):
+        pullexport.unpack_changes(packed[:-9] + b"x")
 
 
 def test_settings_and_credential_errors(tmp_path: Path, pki_base: Path,
@@ -559,6 +585,66 @@ async def _push_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
             assert same, detail
         finally:
             dom.resume()
+        await handle.execute_update("remove", result_type=ReplicationStatus)
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(400)
+def test_pull_cycle_across_sites_verifies(xsite: CrossSite, guest_image: GuestImage,
+                                          tmp_path: Path) -> None:
+    asyncio.run(_pull_cycle(xsite, guest_image, tmp_path))
+
+
+def _pull_fronts(xs: CrossSite) -> list[Path]:
+    """Pid files of site a's TLS fronts of frozen disks (transcend/pullexport.py)."""
+    return sorted((xs.homes["a"] / "pull").glob("*.pid"))
+
+
+async def _pull_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
+    cat = xs.catalog()
+    src, dst = xs.add_platforms(cat)
+    client = await xs.client()
+    vm = f"transcend-xs-p-{os.getpid()}"
+    with traversable(tmp_path), booted_guest(image, tmp_path, vm) as (dom, disk):
+        _, tx0 = xs.link_bytes("a")
+        handle = await start_protection(client, _spec("xs-pull", vm, src, dst, transfer="pull"))
+        st = await wait_first_point(handle, timeout=180)
+        assert st.cycles_failed == 0, f"{st.last_error}\n{xs.log_tail()}"
+        _, tx1 = xs.link_bytes("a")
+        first = cat.get_point(st.last_point_id or "")
+        assert first.kind.value == "full" and first.bytes_written > MiB
+        # site a *sent* the data over the link (site b read it from a's front)
+        assert tx1 - tx0 >= first.bytes_written, (tx1 - tx0, first.bytes_written)
+        assert point_path(first).is_relative_to(xs.root / "replicas-b")
+        assert not xs.staging_left() and not _pull_fronts(xs)
+        result = await verify_point(client, first.id)
+        assert result.ok and not result.mismatched_blocks, result
+
+        # Incremental through the front (the change set came through the catalog):
+        # with the guest paused, the point equals the source byte for byte.
+        dom.suspend()
+        try:
+            st = await sync_now(handle, timeout=120)
+            assert st.cycles_failed == 0, f"{st.last_error}\n{xs.log_tail()}"
+            second = cat.get_point(st.last_point_id or "")
+            assert second.kind.value == "incremental"
+            same, detail = images_identical(disk, point_path(second))
+            assert same, detail
+        finally:
+            dom.resume()
+
+        # Site b presents a client certificate of another CA: site a's front refuses
+        # it, the cycle fails at once naming TLS and site b's bundle, and nothing of it
+        # is left (front, staging layer, point).
+        xs.install_bundle("b", _stranger(tmp_path, xs.pki_base, "b"))
+        try:
+            st = await sync_now(handle, timeout=150)
+            assert st.last_point_id == second.id, st
+            assert "TLS" in st.last_error and "certificate" in st.last_error, st.last_error
+            assert str(xs.site_bundle("b")) in st.last_error, st.last_error
+        finally:
+            xs.install_bundle("b", xs.pki_base / "sites" / "b")
+        assert not xs.staging_left() and not _pull_fronts(xs)
         await handle.execute_update("remove", result_type=ReplicationStatus)
 
 

@@ -1000,8 +1000,20 @@ class Catalog:
                                "in the catalog (checksum mismatch); run the cycle again")
         return data
 
+    # A pull transfer's change set (transcend/pullexport.py) travels the same way, from
+    # the source site's freeze to the target site's streams; its key cannot be a disk id.
+    _CHANGES = "changes/"
+
+    def stage_changes(self, protection: str, cycle_id: str, disk: str, data: bytes) -> None:
+        """Store the packed change set of ``disk`` for a stream at another site."""
+        self.stage_manifest(protection, cycle_id, self._CHANGES + disk, data)
+
+    def staged_changes(self, protection: str, cycle_id: str, disk: str) -> bytes:
+        return self.staged_manifest(protection, cycle_id, self._CHANGES + disk)
+
     def drop_staged_manifests(self, protection: str, cycle_id: str) -> None:
-        """Forget a cycle's staged manifests (after its commit or abort); idempotent."""
+        """Forget a cycle's staged manifests and change sets (after its commit or abort);
+        idempotent."""
 
         def fn(s: Session) -> None:
             s.execute(delete(_StagedManifestRow).where(

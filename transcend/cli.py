@@ -237,8 +237,9 @@ def workloads(platform_name: str) -> None:
               help="alert when no test failover succeeded for this long, e.g. 30d")
 @click.option("--priority", type=click.Choice(["critical", "normal", "low"]), default=None,
               help="weight in the site bandwidth limit (critical 4, normal 2, low 1)")
-@click.option("--transfer", type=click.Choice(["auto", "local", "push"]), default=None,
-              help="how data crosses between sites: auto (local on one site, push across)")
+@click.option("--transfer", type=click.Choice(["auto", "local", "push", "pull"]), default=None,
+              help="how data crosses between sites: auto (local on one site, push across); "
+                   "pull when only the source site can be dialled")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the first point")
 @click.option("--timeout", default=3600, show_default=True)
 @run_async
@@ -471,8 +472,9 @@ async def resume(name: str) -> None:
               "'off' for none")
 @click.option("--priority", type=click.Choice(["critical", "normal", "low"]), default=None,
               help="weight in the site bandwidth limit (critical 4, normal 2, low 1)")
-@click.option("--transfer", type=click.Choice(["auto", "local", "push"]), default=None,
-              help="how data crosses between sites: auto (local on one site, push across)")
+@click.option("--transfer", type=click.Choice(["auto", "local", "push", "pull"]), default=None,
+              help="how data crosses between sites: auto (local on one site, push across); "
+                   "pull when only the source site can be dialled")
 @run_async
 async def policy(name: str, rpo: str | None, retention: str | None, continuous: bool | None,
                  drill: str | None, bandwidth: str | None, priority: str | None,

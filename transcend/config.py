@@ -37,7 +37,8 @@ class Settings(BaseModel):
     alert_webhooks: list[str] = Field(default_factory=list)
     alert_webhook_secret: str = ""
     # NBD between sites (docs/sites.md). site_address: the host name or IP address other
-    # sites dial to reach this site's NBD exports (staging layers in "push" transfers);
+    # sites dial to reach this site's NBD exports (staging layers in "push" transfers,
+    # frozen disks in "pull" transfers);
     # empty: this site exports only on unix sockets, i.e. to workers on its own host.
     site_address: str = ""
     # TCP ports this site's worker may listen on for those exports (one per disk of a

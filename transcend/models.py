@@ -185,11 +185,13 @@ class ProtectionPolicy(Model):
         default=None, ge=60,
         description="a successful test failover is due this often (a DR drill cadence); when "
                     "none succeeded for that long the test_failover_overdue alert is sent")
-    transfer: Literal["auto", "local", "push"] = Field(
+    transfer: Literal["auto", "local", "push", "pull"] = Field(
         default="auto",
         description="how the cycle's data reaches the target (docs/sites.md): local = NBD on "
                     "unix sockets, both sites' workers on one host; push = the target site "
                     "exports its staging over TCP with TLS and the source site writes to it; "
+                    "pull = the source site exports the frozen disks over TCP with TLS and the "
+                    "target site reads them (when only the source site can be dialled); "
                     "auto = local when both platforms are at the same site, push otherwise")
 
     @field_validator("retention", mode="before")
@@ -198,12 +200,11 @@ class ProtectionPolicy(Model):
         return RetentionPolicy.parse(v) if isinstance(v, str) else v
 
 
-Transfer = Literal["local", "push"]
+Transfer = Literal["local", "push", "pull"]
 
 
 def effective_transfer(policy: ProtectionPolicy, source_site: str, target_site: str) -> Transfer:
-    """The transfer mode a cycle uses: ``auto`` resolved by the platforms' sites.
-    (Pull, the target reading the source's frozen export, is not built: docs/sites.md.)"""
+    """The transfer mode a cycle uses: ``auto`` resolved by the platforms' sites."""
     if policy.transfer == "auto":
         return "local" if source_site == target_site else "push"
     return policy.transfer
@@ -300,6 +301,11 @@ class FrozenHandle(Model):
     reasons: dict[DiskId, str] = Field(default_factory=dict)
     consistency: Literal["crash", "application"] = "crash"
     data: dict[str, Any] = Field(default_factory=dict, description="connector-specific state")
+    remote: dict[DiskId, NbdEndpoint] = Field(
+        default_factory=dict,
+        description="pull transfers: where a reader at another site reaches each frozen disk "
+                    "(nbds://site_address:port/disk, without client credentials: each reader "
+                    "adds its own site's); empty when the frozen disks are read locally")
 
 
 class StagingHandle(Model):

@@ -126,14 +126,15 @@ def with_local_credentials(uri: str, settings: Settings) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="/", quote_via=quote)))
 
 
-def remote_export(settings: Settings) -> RemoteExport:
-    """What a target site needs to serve a push transfer, checked: its address and
-    its server certificates."""
+def remote_export(settings: Settings, transfer: str = "push") -> RemoteExport:
+    """What a site needs to serve exports to other sites (the target of a push, the
+    source of a pull transfer), checked: its address and its server certificates."""
     if not settings.site_address:
+        direction = "to" if transfer == "push" else "from"
         raise TlsSetupError(
-            f"this protection needs a push transfer to site {settings.site!r}, but its worker "
-            "has no site address: set TRANSCEND_SITE_ADDRESS (or site_address in "
-            "transcend.toml) to the host name or IP the source site dials, and restart it")
+            f"this protection needs a {transfer} transfer {direction} site {settings.site!r}, "
+            "but its worker has no site address: set TRANSCEND_SITE_ADDRESS (or site_address "
+            "in transcend.toml) to the host name or IP the other site dials, and restart it")
     directory = site_credentials(settings, "server")
     return RemoteExport(address=settings.site_address, port_min=settings.nbd_port_min,
                         port_max=settings.nbd_port_max, tls_dir=str(directory))

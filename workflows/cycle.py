@@ -40,7 +40,13 @@ with workflow.unsafe.imports_passed_through():
         replication_id,
     )
     from transcend.config import site_task_queue
-    from transcend.models import ChangeSummary, ProtectionState, RecoveryPoint, StagingHandle
+    from transcend.models import (
+        ChangeSummary,
+        ProtectionState,
+        RecoveryPoint,
+        StagingHandle,
+        effective_transfer,
+    )
 
 BLOCK_SIZE = 65536
 NON_RETRYABLE = ["PermanentError", "NotFound", "NotFoundError", "AlreadyExists", "InUse"]
@@ -173,6 +179,10 @@ class CycleWorkflow:
             )
             self._phase = "stream"
             copy_started = workflow.now()
+            # Push and local: the source site reads and writes to the staging; pull: the
+            # target site reads the source site's frozen exports and writes locally.
+            pull = effective_transfer(ctx.policy, ctx.source.site, ctx.target.site) == "pull"
+            stream_q = target_q if pull else source_q
             self._streams = list(
                 await asyncio.gather(
                     *[
@@ -182,7 +192,7 @@ class CycleWorkflow:
                                 ctx=ctx, frozen=frozen.frozen, staging=staging, disk=d.id,
                                 block_size=BLOCK_SIZE,
                             ),
-                            result_type=StreamResult, task_queue=source_q,
+                            result_type=StreamResult, task_queue=stream_q,
                             **STREAM
                         )
                         for d in frozen.frozen.disks

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -417,6 +418,45 @@ class NbdExport:
             with contextlib.suppress(FileNotFoundError):
                 if f:
                     os.unlink(f)
+
+
+def _export_key(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+def serve_tcp(export: NbdExport, address: str, port_min: int, port_max: int, tls_dir: str,
+              what: str) -> NbdExport:
+    """Start the TCP ``export`` on a free port of ``port_min..port_max`` and return it
+    with that port. A qemu-nbd a previous attempt started is kept (same address and
+    certificates), so its port, which a peer at another site may know, stays."""
+    running = export.running_listen()
+    if running is not None:
+        host, port, running_dir = running
+        if (host, running_dir) == (address, tls_dir):
+            return dataclasses.replace(export, tcp=TcpListen(host, port, tls_dir))
+        export.stop(kill=True)  # the site's address or certificates changed since
+    span = port_max - port_min + 1
+    # Start the search at a place derived from the export, so concurrent starts of
+    # different disks rarely probe the same port first.
+    first = _export_key(export.pid_file) % span
+    for i in range(span):
+        port = port_min + (first + i) % span
+        candidate = dataclasses.replace(export, tcp=TcpListen(address, port, tls_dir))
+        try:
+            if not port_free(address, port):
+                continue
+            candidate.start()
+        except PortInUse:
+            continue  # another process took it between the probe and the start
+        except OSError as e:
+            raise PermanentError(
+                f"cannot listen on {address}:{port} ({e.strerror or e}): the site address "
+                "must be an address of this host; set TRANSCEND_SITE_ADDRESS accordingly"
+            ) from e
+        return candidate
+    raise ConnectorError(
+        f"no free TCP port between {port_min} and {port_max} on {address} for {what}: "
+        "widen TRANSCEND_NBD_PORT_MIN/MAX or let running cycles finish")
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:

@@ -47,16 +47,15 @@ from connectors.kvm.qemu import (
     DiskFull,
     ImageLocked,
     NbdExport,
-    PortInUse,
     TcpListen,
     backing_chain,
     backing_path,
     create_qcow2,
     fsync_path,
-    port_free,
     processes_using,
     qcow2_header,
     run_qemu_img,
+    serve_tcp,
 )
 from transcend.guestprep import GuestPrepError, prepare_guest
 from transcend.models import (
@@ -261,40 +260,10 @@ class KvmTarget:
             self._export("sn", key, staging, disk, readonly=False), socket_path="",
             tcp=TcpListen(host=remote.address, port=0, tls_dir=remote.tls_dir))
 
-    def _serve_tcp(self, export: NbdExport, remote: RemoteExport) -> NbdExport:
-        """Start ``export`` on a free port of the site's range and return it with that
-        port. A qemu-nbd a previous attempt of this ``begin`` started is kept (same
-        address and certificates), so its port, which a writer may know, stays."""
-        running = export.running_listen()
-        if running is not None:
-            host, port, tls_dir = running
-            if (host, tls_dir) == (remote.address, remote.tls_dir):
-                return dataclasses.replace(export, tcp=TcpListen(host, port, tls_dir))
-            export.stop(kill=True)  # the site's address or certificates changed since
-        span = remote.port_max - remote.port_min + 1
-        # Start the search at a place derived from the export, so concurrent begins of
-        # different disks rarely probe the same port first.
-        first = int(_key(export.pid_file), 16) % span
-        for i in range(span):
-            port = remote.port_min + (first + i) % span
-            candidate = dataclasses.replace(
-                export, tcp=TcpListen(remote.address, port, remote.tls_dir))
-            try:
-                if not port_free(remote.address, port):
-                    continue
-                candidate.start()
-            except PortInUse:
-                continue  # another process took it between the probe and the start
-            except OSError as e:
-                raise PermanentError(
-                    f"cannot listen on {remote.address}:{port} ({e.strerror or e}): the site "
-                    "address must be an address of this host; set TRANSCEND_SITE_ADDRESS "
-                    "accordingly") from e
-            return candidate
-        raise ConnectorError(
-            f"no free TCP port between {remote.port_min} and {remote.port_max} on "
-            f"{remote.address} for a staging export: widen TRANSCEND_NBD_PORT_MIN/MAX or "
-            "let running cycles finish")
+    @staticmethod
+    def _serve_tcp(export: NbdExport, remote: RemoteExport) -> NbdExport:
+        return serve_tcp(export, remote.address, remote.port_min, remote.port_max,
+                         remote.tls_dir, "a staging export")
 
     def _point_export(self, point: RecoveryPoint, pd: PointDisk) -> NbdExport:
         return self._export("rp", _key("point", point.protection, point.id, pd.disk),

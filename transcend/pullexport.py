@@ -1,0 +1,111 @@
+"""Pull transfers: the source site serves a cycle's frozen disks to the target site.
+
+In a *pull* transfer (docs/sites.md) the target site runs ``stream.disk``: it reads
+the frozen instant over the network and writes its staging layers locally. Two
+things cross from the source site to the target site for that:
+
+* **The frozen disks**, as NBD over TCP with TLS. A source connector exports its
+  frozen instant where its own site reaches it (KVM: libvirt's pull-mode backup
+  socket, inside QEMU). ``serve_frozen`` puts a read-only ``qemu-nbd`` in front of
+  each export: its image *is* the local NBD URI (QEMU's nbd block driver), served
+  on the site address with the site's server certificate and ``verify-peer=on``.
+  ``base:allocation`` passes through (QEMU's nbd driver asks the backend), so the
+  reader still sees holes. The fronts are detached with pid files under
+  ``$TRANSCEND_HOME/pull``, like the staging exports of a push transfer, and are
+  found again by any source-site worker process (``source.release`` stops them).
+* **The change set** (which extents to copy), because only the source site can ask
+  its platform (the dirty bitmap is a meta context of the *local* export). It is
+  computed once by ``source.freeze`` and stored in the shared catalog next to the
+  cycle's staged manifests (``pack_changes``); ``stream.disk`` at the target site
+  reads it back (``unpack_changes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+
+from connectors.base import ChangeExtent, ChangeSet, Frozen
+from connectors.kvm.qemu import NbdExport, TcpListen, serve_tcp
+from transcend.config import Settings
+from transcend.models import ChangeSummary, DiskId, FrozenHandle, NbdEndpoint
+from transcend.nbdtls import RemoteExport, remote_export
+
+# offset, length (u64 each), zero flag (u8): little endian, no padding
+_EXTENT = struct.Struct("<QQB")
+_MAGIC = b"TRCHG1\n"
+
+
+def _front_dir(settings: Settings) -> Path:
+    d = settings.home / "pull"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _front(settings: Settings, handle: FrozenHandle, disk: DiskId, image_uri: str,
+           remote: RemoteExport | None) -> NbdExport:
+    key = hashlib.sha256(f"{handle.protection}\0{handle.cycle_id}\0{disk}".encode()).hexdigest()
+    d = _front_dir(settings)
+    return NbdExport(
+        image=image_uri,
+        socket_path="",
+        pid_file=str(d / f"pf-{key[:16]}.pid"),
+        log_file=str(d / f"pf-{key[:16]}.log"),
+        export_name=disk,
+        readonly=True,
+        # the image is an NBD connection, not a file: there is no page cache to bypass
+        cache="writeback",
+        fmt="raw",
+        tcp=TcpListen(remote.address, 0, remote.tls_dir) if remote else TcpListen("", 0, ""),
+    )
+
+
+def serve_frozen(settings: Settings, frozen: Frozen) -> dict[DiskId, NbdEndpoint]:
+    """Serve every disk of ``frozen`` on this site's address with TLS; return the URIs
+    (``nbds://address:port/disk``, without credentials) for ``FrozenHandle.remote``.
+    Idempotent: a retried freeze keeps running fronts and their ports."""
+    remote = remote_export(settings, transfer="pull")
+    out: dict[DiskId, NbdEndpoint] = {}
+    for disk in frozen.handle.disks:
+        local = frozen.export(disk.id)
+        front = serve_tcp(_front(settings, frozen.handle, disk.id, local.uri, remote),
+                          remote.address, remote.port_min, remote.port_max, remote.tls_dir,
+                          "a pull export of a frozen disk")
+        out[disk.id] = NbdEndpoint(uri=front.uri, size=local.size, writable=False)
+    return out
+
+
+def stop_frozen(settings: Settings, handle: FrozenHandle) -> None:
+    """Stop the fronts of ``handle`` (idempotent; nothing is written through them)."""
+    for disk in handle.remote:
+        _front(settings, handle, disk, "", None).stop(kill=True, timeout=10.0)
+
+
+def pack_changes(changes: ChangeSet) -> bytes:
+    """A change set as bytes for the catalog: a JSON summary line, then the extents
+    packed (17 bytes each), compressed."""
+    body = b"".join(_EXTENT.pack(e.offset, e.length, int(e.zero)) for e in changes.extents)
+    head = changes.summary.model_dump_json().encode() + b"\n"
+    return _MAGIC + zlib.compress(head + body, 6)
+
+
+def unpack_changes(data: bytes) -> ChangeSet:
+    if not data.startswith(_MAGIC):
+        raise ValueError("not a packed change set")
+    try:
+        raw = zlib.decompress(data[len(_MAGIC):])
+    except zlib.error as e:
+        raise ValueError(f"packed change set is damaged: {e}") from e
+    head, _, body = raw.partition(b"\n")
+    if len(body) % _EXTENT.size:
+        raise ValueError("packed change set is truncated")
+    summary = ChangeSummary.model_validate(json.loads(head))
+    extents = [ChangeExtent(off, length, bool(zero))
+               for off, length, zero in _EXTENT.iter_unpack(body)]
+    return ChangeSet(summary=summary, extents=extents)
+
+
+__all__ = ["pack_changes", "serve_frozen", "stop_frozen", "unpack_changes"]
