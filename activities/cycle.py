@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL_MAX = 64 << 20
 FLUSH_INTERVAL_MIN = 1 << 20
-FLUSH_SECONDS = 5
+FLUSH_SECONDS = 2
+STREAM_REQUEST = 4 << 20  # blockstream's default max_request
 HEARTBEAT_EVERY = 2.0
 
 
@@ -241,11 +242,13 @@ class CycleActivities:
     async def stream(self, inp: StreamInput) -> StreamResult:
         info = activity.info()
         record_queue_lag(info)
-        resume_from = 0
+        resume_from = resent = 0
         if info.heartbeat_details:
             details = info.heartbeat_details[0]
             if isinstance(details, dict):
                 resume_from = int(details.get("durable_offset", 0))
+                # what earlier attempts moved beyond their durable offset: sent again now
+                resent = int(details.get("resent") or 0) + int(details.get("unsaved") or 0)
         prepared = await asyncio.to_thread(self._prepare_stream, inp, resume_from)
         stream, manifest, original, mpath, changes, resume_from, frozen, staging = prepared
         uris = {"source": inp.frozen.remote[inp.disk].uri if inp.disk in inp.frozen.remote else "",
@@ -259,17 +262,20 @@ class CycleActivities:
                     f"{inp.ctx.protection}/{inp.disk}", stream, policy.priority,
                     policy.bandwidth_bytes_per_s):
                 return await self._run_stream(inp, stream, manifest, original, mpath, changes,
-                                              resume_from, uris)
+                                              resume_from, uris, resent)
         finally:
             # The NBD servers this activity started, if the connectors start them per use.
             await asyncio.to_thread(_close_all, frozen, staging)
 
     async def _run_stream(self, inp: StreamInput, stream: blockstream.Stream, manifest: bytearray,
                           original: bytes, mpath: Path, changes: ChangeSet,
-                          resume_from: int, uris: dict[str, str]) -> StreamResult:
+                          resume_from: int, uris: dict[str, str],
+                          resent: int) -> StreamResult:
         started = time.monotonic()
+        pull = bool(uris.get("source"))
         task = asyncio.create_task(asyncio.to_thread(stream.run))
         saved_at = resume_from
+        watchdog = StallWatchdog(self._stall_seconds(inp))
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
@@ -280,7 +286,24 @@ class CycleActivities:
                         self._save_partial, mpath, manifest, original, durable, inp.block_size
                     )
                     saved_at = durable
-                activity.heartbeat(_progress_details(p, saved_at, started))
+                activity.heartbeat(_progress_details(p, saved_at, started, resent, pull))
+                if not task.done() and watchdog.stalled(p):
+                    # A cut link stalls the NBD connections until TCP gives up (~15
+                    # min): give up sooner, keep what is durable, let Temporal retry.
+                    stream.cancel()
+                    # The engine stops within seconds, unless a connection is still
+                    # being opened (a SYN to a dead link): keep heartbeating until then.
+                    while not task.done():
+                        await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
+                        activity.heartbeat(_progress_details(stream.progress(), saved_at,
+                                                             started, resent, pull))
+                    saved_at = self._keep_durable(inp, stream, mpath, manifest, original,
+                                                  saved_at, started, resent, pull)
+                    raise ApplicationError(
+                        f"copying disk {inp.disk}: no progress for {watchdog.seconds:.0f} s "
+                        f"({_peers(uris)}): the link or an NBD server stalled; retrying from "
+                        f"offset {saved_at} (TRANSCEND_STREAM_STALL_SECONDS sets the limit)",
+                        type="StreamStalled")
             final = task.result()
         except asyncio.CancelledError:
             stream.cancel()
@@ -294,11 +317,8 @@ class CycleActivities:
                 raise ApplicationError(f"copying disk {inp.disk}: {refused}",
                                        type="TlsRefused", non_retryable=True) from e
             # Keep what is durable; Temporal retries and the next attempt resumes.
-            p = stream.progress()
-            durable = p.durable_offset - p.durable_offset % inp.block_size
-            if durable > saved_at:
-                self._save_partial(mpath, manifest, original, durable, inp.block_size)
-                activity.heartbeat(_progress_details(p, durable, started))
+            self._keep_durable(inp, stream, mpath, manifest, original, saved_at, started,
+                               resent, pull)
             raise ApplicationError(
                 f"copying disk {inp.disk} failed at {e}", type="StreamError"
             ) from e
@@ -319,8 +339,31 @@ class CycleActivities:
             bytes_total=final.bytes_total,
             seconds=time.monotonic() - started,
             resumed_from=resume_from,
+            bytes_resent=resent,
             manifest_file=str(mpath),
         )
+
+    def _keep_durable(self, inp: StreamInput, stream: blockstream.Stream, mpath: Path,
+                      manifest: bytearray, original: bytes, saved_at: int, started: float,
+                      resent: int, pull: bool) -> int:
+        """After a failed or cancelled run: save the partial manifest up to the final
+        durable offset and heartbeat it (with what the next attempt sends again)."""
+        p = stream.progress()
+        durable = p.durable_offset - p.durable_offset % inp.block_size
+        if durable > saved_at:
+            self._save_partial(mpath, manifest, original, durable, inp.block_size)
+            saved_at = durable
+        activity.heartbeat(_progress_details(p, saved_at, started, resent, pull))
+        return saved_at
+
+    def _stall_seconds(self, inp: StreamInput) -> float:
+        """The site's stall limit, longer where the policy's own bandwidth limit makes
+        one request (up to 4 MiB per connection) take a while."""
+        limit = float(self.ctx.settings.stream_stall_seconds)
+        rate = inp.ctx.policy.bandwidth_bytes_per_s
+        if rate:
+            limit = max(limit, 3 * inp.ctx.policy.connections * STREAM_REQUEST / rate)
+        return limit
 
     def _prepare_stream(
         self, inp: StreamInput, resume_from: int
@@ -386,6 +429,9 @@ class CycleActivities:
             rate_limit=inp.ctx.policy.bandwidth_bytes_per_s,
             start_offset=resume_from,
             flush_interval=flush_interval(inp.ctx.policy.bandwidth_bytes_per_s),
+            # and at least every few seconds: on a slow link a failed attempt then
+            # resends only what crossed since the last round
+            flush_seconds=FLUSH_SECONDS,
         )
         return stream, manifest, original, mpath, changes, resume_from
 
@@ -591,6 +637,7 @@ class CycleActivities:
             bytes_written=o.bytes_written,
             bytes_zero=inp.bytes_zero,
             bytes_skipped=inp.bytes_skipped,
+            bytes_resent=inp.bytes_resent,
             copy_seconds=o.copy_seconds,
             wall_seconds=o.wall_seconds,
             rpo_seconds=o.rpo_seconds,
@@ -635,18 +682,52 @@ def flush_interval(bandwidth: int | None) -> int:
     """Bytes written between flushes, i.e. how far ``durable_offset`` lags the copy.
 
     A crashed attempt re-copies at most this much. Unthrottled: 64 MiB (a flush per
-    fraction of a second at LAN speed). Throttled: about five seconds of the limit, so
-    a slow WAN link still makes durable progress that a retry can resume from.
+    fraction of a second at LAN speed). Throttled: about FLUSH_SECONDS of the limit, so
+    a slow WAN link still makes durable progress that a retry can resume from. The
+    stream also flushes every FLUSH_SECONDS whatever it wrote (a slow link the policy
+    does not throttle), so the lag is at most min(this, FLUSH_SECONDS of the copy).
     """
     if bandwidth is None:
         return FLUSH_INTERVAL_MAX
     return max(FLUSH_INTERVAL_MIN, min(FLUSH_INTERVAL_MAX, bandwidth * FLUSH_SECONDS))
 
 
-def _progress_details(p: blockstream.Progress, durable: int, started: float) -> dict[str, Any]:
+class StallWatchdog:
+    """Whether a running copy stopped moving: no request completed (written, zeroed
+    or skipped as equal) and nothing became durable for ``seconds``. Reads are not
+    progress: with a stuck destination the engine keeps reading ahead into its
+    buffers for a while. A throttled copy still completes a request every few
+    seconds."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last: tuple[int, ...] = ()
+        self._since = time.monotonic()
+
+    def stalled(self, p: blockstream.Progress) -> bool:
+        now = time.monotonic()
+        counters = (p.bytes_written, p.bytes_zero, p.bytes_skipped, p.durable_offset)
+        if counters != self._last:
+            self._last, self._since = counters, now
+            return False
+        return now - self._since >= self.seconds
+
+
+def _peers(uris: dict[str, str]) -> str:
+    named = [f"{side} {nbdtls.peer(u)}" for side, u in uris.items() if nbdtls.is_tls_uri(u)]
+    return ", ".join(named) or "local NBD servers"
+
+
+def _progress_details(p: blockstream.Progress, durable: int, started: float,
+                      resent: int = 0, pull: bool = False) -> dict[str, Any]:
     remaining = max(0, p.bytes_total - (p.bytes_read + p.bytes_skipped + p.bytes_zero))
+    # What crossed the network beyond the durable offset (reads in a pull, writes
+    # otherwise): if this attempt fails, the next one moves it again.
+    unsaved = (p.bytes_read - p.read_durable) if pull else (p.bytes_written - p.written_durable)
     return {
         "durable_offset": durable,
+        "resent": resent,
+        "unsaved": max(0, unsaved),
         "bytes_read": p.bytes_read,
         "bytes_written": p.bytes_written,
         "bytes_zero": p.bytes_zero,

@@ -168,6 +168,10 @@ class Progress:
     durable_offset: int
     rate: float
     done: bool
+    # bytes read / data written by the requests below durable_offset; a run that
+    # fails moves bytes_read - read_durable (bytes_written - written_durable) again
+    read_durable: int = 0
+    written_durable: int = 0
 
     @classmethod
     def _from_tuple(cls, t: tuple[Any, ...]) -> Progress:
@@ -196,6 +200,10 @@ class Stream:
     ``set_rate_limit()`` and ``progress()`` may be called from other threads
     meanwhile.  A Stream runs once; resume with a new Stream and
     ``start_offset=progress().durable_offset``.
+
+    ``durable_offset`` advances by flush rounds: one starts after
+    ``flush_interval`` bytes were written, or (``flush_seconds`` > 0) after that
+    many seconds with anything written, whichever comes first.
     """
 
     def __init__(
@@ -216,6 +224,7 @@ class Stream:
         allow_trim: bool = False,
         start_offset: int = 0,
         flush_interval: int = 256 << 20,
+        flush_seconds: float = 0.0,
     ) -> None:
         if not isinstance(source, str) or not source:
             raise TypeError("source must be a non-empty NBD URI string")
@@ -255,6 +264,8 @@ class Stream:
         if start_offset % block_size and start_offset != disk_size:
             raise ValueError("start_offset must be a multiple of block_size")
         _int("flush_interval", flush_interval, 1)
+        if not isinstance(flush_seconds, (int, float)) or not flush_seconds >= 0:
+            raise ValueError("flush_seconds must be a number >= 0")
         tuples = _extent_tuples(extents)
         for off, length, _ in tuples:
             if off + length > disk_size:
@@ -280,6 +291,7 @@ class Stream:
             allow_trim=allow_trim,
             start_offset=start_offset,
             flush_interval=flush_interval,
+            flush_seconds=float(flush_seconds),
         )
 
     def run(self) -> Progress:

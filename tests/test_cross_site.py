@@ -39,6 +39,7 @@ import pytest
 from temporalio.client import Client
 
 import blockstream
+from connectors.base import ChangeExtent, ChangeSet
 from connectors.kvm.qemu import export_sha256
 from connectors.kvm.target import KvmTarget
 from temporal.devserver import DevServer, free_port, start_dev_server
@@ -58,9 +59,8 @@ from tests.harness.protect import (
     wait_for,
 )
 from tests.harness.records import check_contiguous, read_records
-from connectors.base import ChangeExtent, ChangeSet
 from transcend import nbdtls, pki, pullexport
-from transcend.api import ReplicationStatus
+from transcend.api import CYCLE_WORKFLOW, ReplicationStatus, StreamResult
 from transcend.catalog import Catalog
 from transcend.client import codec_keys, connect
 from transcend.config import Settings, load_settings
@@ -518,6 +518,8 @@ def xsite(tmp_path_factory: pytest.TempPathFactory, guest_image: GuestImage) -> 
             "TRANSCEND_SECRET_KEY_FILE": str(shared / "catalog.key"),
             "TRANSCEND_CODEC_KEY_FILE": str(shared / "payload.keys"),
             "TRANSCEND_CONFIG": str(shared / "none.toml"),
+            # a black-holed link fails a stream after this long without progress
+            "TRANSCEND_STREAM_STALL_SECONDS": str(STALL_SECONDS),
         }
         pki_base = root / "pki-ca"
         pki.init_ca(pki_base, "transcend cross-site CA", days=2)
@@ -684,11 +686,89 @@ async def _untrusted(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
         xs.install_bundle("a", xs.pki_base / "sites" / "a")
 
 
+# The link-cut test's shape: the policy throttles the copy to 2 MiB/s over two
+# connections, so with activities/cycle.py's flush rules (a flush round every
+# FLUSH_SECONDS = 2 s or flush_interval = 2 s of the limit, at least 1 MiB) the
+# bytes a failed attempt moved beyond its durable offset -- one in-flight window --
+# are at most one flush interval plus one request (blockstream's max_request,
+# 4 MiB) per connection.
+CUT_RATE = 2 * MiB
+CUT_CONNECTIONS = 2
+STALL_SECONDS = 8  # TRANSCEND_STREAM_STALL_SECONDS of the two sites' workers
+CUT_SECONDS = 20  # longer than the stall limit: the stream must fail and resume
+
+
+def _window() -> int:
+    from activities.cycle import STREAM_REQUEST, flush_interval
+
+    return flush_interval(CUT_RATE) + CUT_CONNECTIONS * STREAM_REQUEST
+
+
+@dataclass
+class StreamAttempt:
+    """The attempt of a stream.disk activity that completed, from the history."""
+
+    attempt: int
+    last_failure: str  # of the attempt before it
+    result: StreamResult
+
+
+async def _stream_attempts(client: Client, protection: str) -> list[StreamAttempt]:
+    out: list[StreamAttempt] = []
+    async for wf in client.list_workflows(f'WorkflowType="{CYCLE_WORKFLOW}" AND '
+                                          f'TranscendProtection="{protection}"'):
+        history = await client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
+        streams: set[int] = set()
+        started: dict[int, tuple[int, str]] = {}
+        for ev in history.events:
+            if ev.HasField("activity_task_scheduled_event_attributes"):
+                if ev.activity_task_scheduled_event_attributes.activity_type.name == "stream.disk":
+                    streams.add(ev.event_id)
+            elif ev.HasField("activity_task_started_event_attributes"):
+                a = ev.activity_task_started_event_attributes
+                started[a.scheduled_event_id] = (a.attempt, a.last_failure.message)
+            elif ev.HasField("activity_task_completed_event_attributes"):
+                c = ev.activity_task_completed_event_attributes
+                if c.scheduled_event_id in streams:
+                    (result,) = await client.data_converter.decode(c.result.payloads,
+                                                                   [StreamResult])
+                    attempt, message = started[c.scheduled_event_id]
+                    out.append(StreamAttempt(attempt, message, result))
+    return out
+
+
+def _data_bytes(image: Path) -> int:
+    """Bytes of the image's 64 KiB blocks that are not all zeros (what a full copy
+    sends as data), read through qemu-img."""
+    raw = image.with_suffix(".raw-copy")
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw)], check=True)
+    try:
+        total = 0
+        with raw.open("rb") as f:
+            while block := f.read(BS):
+                total += len(block) if block.count(0) != len(block) else 0
+        return total
+    finally:
+        raw.unlink()
+
+
 @pytest.mark.guest
-@pytest.mark.timeout(300)
-def test_link_cut_mid_copy_still_commits(xsite: CrossSite, guest_image: GuestImage,
-                                         tmp_path: Path) -> None:
+@pytest.mark.timeout(400)
+def test_link_cut_fails_the_stream_and_resumes(xsite: CrossSite, guest_image: GuestImage,
+                                               tmp_path: Path) -> None:
     asyncio.run(_link_cut(xsite, guest_image, tmp_path))
+
+
+def _random_data_disk(tmp_path: Path, mib: int) -> Path:
+    """A 64 MiB qcow2 with ``mib`` MiB of random data at 8 MiB."""
+    data_disk = tmp_path / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data_disk), "64M"], check=True)
+    rnd = tmp_path / "random.bin"
+    rnd.write_bytes(os.urandom(mib * MiB))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {rnd} 8M {mib}M", str(data_disk)],
+                   check=True, capture_output=True)
+    rnd.unlink()
+    return data_disk
 
 
 async def _link_cut(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
@@ -696,38 +776,114 @@ async def _link_cut(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
     src, dst = xs.add_platforms(cat)
     client = await xs.client()
     vm = f"transcend-xs-c-{os.getpid()}"
-    # 48 MiB of random data on a second disk: at 40 Mbit/s the copy takes ~10 s
-    data_disk = tmp_path / "data.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data_disk), "64M"], check=True)
-    rnd = tmp_path / "random.bin"
-    rnd.write_bytes(os.urandom(48 * MiB))
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -s {rnd} 8M 48M", str(data_disk)],
-                   check=True, capture_output=True)
+    # 48 MiB of random data on a second disk: at 2 MiB/s the copy takes ~25 s
+    data_disk = _random_data_disk(tmp_path, 48)
     with traversable(tmp_path), booted_guest(image, tmp_path, vm,
-                                             extra_disks=[DiskSpec(path=data_disk, target="vdb")]):
-        xs.net.netem("a", rate_mbit=40)
+                                             extra_disks=[DiskSpec(path=data_disk, target="vdb")]
+                                             ) as (_, disk):
+        rx0, _ = xs.link_bytes("b")
+        handle = await start_protection(client, _spec(
+            "xs-cut", vm, src, dst, bandwidth_bytes_per_s=CUT_RATE, connections=CUT_CONNECTIONS))
+        # well into the copy (so restarting from offset 0 would resend far more than a
+        # window), the link turns into a black hole: connections stall, no error
+        deadline = time.monotonic() + 120
+        while xs.link_bytes("b")[0] - rx0 < 30 * MiB:
+            assert time.monotonic() < deadline, "the copy did not start"
+            await asyncio.sleep(0.2)
+        xs.net.link_down("blackhole")
         try:
-            rx0, _ = xs.link_bytes("b")
-            handle = await start_protection(client, _spec("xs-cut", vm, src, dst))
-            # wait until the copy is well under way, then cut the link for 6 s
-            deadline = time.monotonic() + 120
-            while xs.link_bytes("b")[0] - rx0 < 12 * MiB:
-                assert time.monotonic() < deadline, "the copy did not start"
-                await asyncio.sleep(0.2)
-            xs.net.link_down()
-            await asyncio.sleep(6)
-            xs.net.link_up()
+            await asyncio.sleep(CUT_SECONDS)
         finally:
-            xs.net.clear()
+            xs.net.link_up()
         st = await wait_for(lambda: status(handle), lambda s: s.cycles_ok + s.cycles_failed > 0,
-                            180, "the first point after the cut")
+                            240, "the first point after the cut")
+        rx1, _ = xs.link_bytes("b")
         assert st.cycles_failed == 0 and st.last_point_id, f"{st.last_error}\n{xs.log_tail()}"
         point = cat.get_point(st.last_point_id)
         assert sorted(d.disk for d in point.disks) == ["vda", "vdb"]
-        result = await verify_point(client, point.id)
-        assert result.ok and not result.mismatched_blocks, result
         same, detail = images_identical(data_disk, point_path(point, "vdb"))
         assert same, detail
-        retried = [c for c in cat.cycles("xs-cut") if c.point_id == point.id]
-        print(f"cycle after the cut: {retried[0] if retried else None}")
+        result = await verify_point(client, point.id)
+        assert result.ok and not result.mismatched_blocks, result
+
+        (rec,) = [c for c in cat.cycles("xs-cut") if c.point_id == point.id]
+        window = _window()
+        print(f"cut cycle: resent {rec.bytes_resent} B (window {window} B), link {rx1 - rx0} B")
+        # The attempt in flight failed (the sender's TCP reports the black-holed link
+        # within seconds; had it not, the stall limit would have cancelled it), was
+        # retried (a connect into the black hole may fail once more) and the attempt
+        # that completed resumed from the durable offset (Temporal's history: its
+        # attempt number and result)...
+        attempts = await _stream_attempts(client, "xs-cut")
+        (big,) = [a for a in attempts if a.result.disk == "vdb"]
+        assert big.attempt >= 2 and big.result.resumed_from > 0, big
+        # ... and what it moved again, counted by the engine, is at most one window.
+        assert rec.bytes_resent <= window, (rec.bytes_resent, window)
+        assert rec.bytes_resent == sum(a.result.bytes_resent for a in attempts)
+        # The link agrees: site b received the disks' data once, plus at most one
+        # window, plus TCP/IP and TLS framing (under 6 % at a 1500-byte MTU) and a
+        # little for the guest's writes during the copy. Starting over from offset 0
+        # would have added the 30+ MiB that had crossed before the cut.
+        data = _data_bytes(data_disk) + _data_bytes(disk)
+        bound = int((data + window) * 1.06) + 2 * MiB
+        assert rx1 - rx0 <= bound, (rx1 - rx0, data, window, bound)
+        await handle.execute_update("remove", result_type=ReplicationStatus)
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(300)
+def test_stalled_server_fails_the_stream_fast(xsite: CrossSite, guest_image: GuestImage,
+                                              tmp_path: Path) -> None:
+    asyncio.run(_stalled_server(xsite, guest_image, tmp_path))
+
+
+def _staging_servers(xs: CrossSite) -> list[int]:
+    """Pids of site b's push exports (qemu-nbd bound to its link address)."""
+    out = subprocess.run(["pgrep", "-f", f"qemu-nbd .*--bind {xs.net.address('b')} "],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+async def _stalled_server(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
+    """A server that stops answering (SIGSTOP) while its connections stay open: nothing
+    fails by itself, only the stall limit ends the attempt; the retry resumes."""
+    cat = xs.catalog()
+    src, dst = xs.add_platforms(cat)
+    client = await xs.client()
+    vm = f"transcend-xs-s-{os.getpid()}"
+    data_disk = _random_data_disk(tmp_path, 24)
+    with traversable(tmp_path), booted_guest(image, tmp_path, vm,
+                                             extra_disks=[DiskSpec(path=data_disk, target="vdb")]):
+        rx0, _ = xs.link_bytes("b")
+        handle = await start_protection(client, _spec(
+            "xs-stall", vm, src, dst, bandwidth_bytes_per_s=CUT_RATE, connections=CUT_CONNECTIONS))
+        deadline = time.monotonic() + 120
+        while xs.link_bytes("b")[0] - rx0 < 8 * MiB:
+            assert time.monotonic() < deadline, "the copy did not start"
+            await asyncio.sleep(0.2)
+        stopped = _staging_servers(xs)
+        assert stopped, "no push export of site b found"
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(STALL_SECONDS + 10)
+        finally:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        st = await wait_for(lambda: status(handle), lambda s: s.cycles_ok + s.cycles_failed > 0,
+                            180, "the first point after the stall")
+        assert st.cycles_failed == 0 and st.last_point_id, f"{st.last_error}\n{xs.log_tail()}"
+        point = cat.get_point(st.last_point_id)
+        same, detail = images_identical(data_disk, point_path(point, "vdb"))
+        assert same, detail
+        attempts = await _stream_attempts(client, "xs-stall")
+        (big,) = [a for a in attempts if a.result.disk == "vdb"]
+        assert big.attempt >= 2 and big.result.resumed_from > 0, big
+        # the stall limit: STALL_SECONDS, or longer where the policy's throttle makes
+        # one request per connection take a while (activities/cycle.py _stall_seconds)
+        limit = max(STALL_SECONDS, 3 * CUT_CONNECTIONS * 4 * MiB // CUT_RATE)
+        stalls = [a for a in attempts if f"no progress for {limit} s" in a.last_failure]
+        assert stalls, attempts
+        assert big.result.bytes_resent <= _window(), big
         await handle.execute_update("remove", result_type=ReplicationStatus)

@@ -362,6 +362,9 @@ class StreamResult(Model):
     bytes_total: int
     seconds: float
     resumed_from: int = 0
+    bytes_resent: int = Field(
+        default=0, description="bytes read again because an earlier attempt failed before "
+                               "they were durable (as counted by its last heartbeat)")
     manifest_file: str
 
 
@@ -428,6 +431,7 @@ class CycleRecordInput(Model):
     bytes_read: int = 0
     bytes_zero: int = 0
     bytes_skipped: int = 0
+    bytes_resent: int = 0
 
 
 # --------------------------------------------------------------------------- schedules

@@ -189,6 +189,8 @@ class CycleRecord(BaseModel):
     bytes_written: int = PField(default=0, ge=0)
     bytes_zero: int = PField(default=0, ge=0)
     bytes_skipped: int = PField(default=0, ge=0)
+    bytes_resent: int = PField(default=0, ge=0, description="copied again after failed "
+                                                             "stream attempts (link cuts)")
     copy_seconds: float = 0.0
     wall_seconds: float = 0.0
     rpo_seconds: float | None = PField(default=None, description="previous point's instant → this commit")

@@ -48,6 +48,9 @@ class Settings(BaseModel):
     # This site's x509 bundle (transcend/pki.py layout: ca-cert.pem, server-*.pem,
     # client-*.pem). Empty: <pki_dir>/sites/<site>, where `transcend ca issue` puts it.
     nbd_tls_dir: str = ""
+    # A copy whose counters do not move for this long is cancelled and retried from its
+    # durable offset (a cut link otherwise stalls until TCP gives up, ~15 minutes).
+    stream_stall_seconds: int = Field(default=60, ge=5)
 
     @field_validator("alert_webhooks", mode="before")
     @classmethod
@@ -120,6 +123,7 @@ _ENV = {
     "nbd_port_min": "TRANSCEND_NBD_PORT_MIN",
     "nbd_port_max": "TRANSCEND_NBD_PORT_MAX",
     "nbd_tls_dir": "TRANSCEND_NBD_TLS_DIR",
+    "stream_stall_seconds": "TRANSCEND_STREAM_STALL_SECONDS",
 }
 
 

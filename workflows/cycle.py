@@ -301,6 +301,7 @@ class CycleWorkflow:
                 bytes_read=sum(s.bytes_read for s in self._streams),
                 bytes_zero=sum(s.bytes_zero for s in self._streams),
                 bytes_skipped=sum(s.bytes_skipped for s in self._streams),
+                bytes_resent=sum(s.bytes_resent for s in self._streams),
             ),
             task_queue=CONTROL_TASK_QUEUE, **SHORT
         )

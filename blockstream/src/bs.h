@@ -69,6 +69,7 @@ typedef struct bs_config {
   int allow_trim;
   uint64_t start_offset;
   uint64_t flush_interval;
+  double flush_seconds;         /* also flush when this long since the last round; 0 = off */
 } bs_config;
 
 typedef struct bs_progress {
@@ -76,6 +77,7 @@ typedef struct bs_progress {
   uint64_t bytes_total;
   uint64_t extents_done, extents_total;
   uint64_t durable_offset;
+  uint64_t read_durable, written_durable;
   double rate;
   int done;
 } bs_progress;

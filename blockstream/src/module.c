@@ -218,12 +218,13 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
   static char *kwlist[] = {
     "source", "destination", "extents", "disk_size", "block_size", "hash",
     "compare", "max_request", "connections", "in_flight", "rate_limit",
-    "allow_trim", "start_offset", "flush_interval", NULL
+    "allow_trim", "start_offset", "flush_interval", "flush_seconds", NULL
   };
   PyObject *src, *dst = Py_None, *extents, *o_disk, *o_bs = NULL;
   PyObject *o_hash = NULL, *o_maxreq = NULL, *o_conn = NULL, *o_inf = NULL;
   PyObject *o_rate = Py_None, *o_start = NULL, *o_flush = NULL;
   int compare = 0, allow_trim = 0;
+  double flush_seconds = 0;
   bs_config cfg;
   uint64_t v;
   bs_extent *ext = NULL;
@@ -234,11 +235,11 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
     PyErr_SetString (PyExc_RuntimeError, "Stream already initialised");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords (args, kwds, "UOOO|OOpOOOOpOO", kwlist,
+  if (!PyArg_ParseTupleAndKeywords (args, kwds, "UOOO|OOpOOOOpOOd", kwlist,
                                     &src, &dst, &extents, &o_disk, &o_bs,
                                     &o_hash, &compare, &o_maxreq, &o_conn,
                                     &o_inf, &o_rate, &allow_trim, &o_start,
-                                    &o_flush))
+                                    &o_flush, &flush_seconds))
     return -1;
   memset (&cfg, 0, sizeof cfg);
   cfg.src_uri = PyUnicode_AsUTF8 (src);
@@ -332,6 +333,11 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
     PyErr_SetString (PyExc_ValueError, "flush_interval must be positive");
     return -1;
   }
+  if (!(flush_seconds >= 0)) {
+    PyErr_SetString (PyExc_ValueError, "flush_seconds must be >= 0");
+    return -1;
+  }
+  cfg.flush_seconds = flush_seconds;
 
   if (parse_extents (extents, cfg.disk_size, &ext, &next) == -1)
     return -1;
@@ -361,7 +367,7 @@ progress_tuple (bs_stream *s)
 {
   bs_progress p;
   bs_stream_progress (s, &p);
-  return Py_BuildValue ("(KKKKKKKKdO)",
+  return Py_BuildValue ("(KKKKKKKKdOKK)",
                         (unsigned long long) p.bytes_read,
                         (unsigned long long) p.bytes_written,
                         (unsigned long long) p.bytes_zero,
@@ -370,7 +376,9 @@ progress_tuple (bs_stream *s)
                         (unsigned long long) p.extents_done,
                         (unsigned long long) p.extents_total,
                         (unsigned long long) p.durable_offset,
-                        p.rate, p.done ? Py_True : Py_False);
+                        p.rate, p.done ? Py_True : Py_False,
+                        (unsigned long long) p.read_durable,
+                        (unsigned long long) p.written_durable);
 }
 
 static int

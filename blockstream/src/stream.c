@@ -19,7 +19,9 @@
  * ----------
  * W = lowest offset not yet completely written = the start of the oldest
  * issued-but-incomplete request, or the cursor when none is outstanding.
- * When flush_interval bytes were written since the last round, a flush
+ * When flush_interval bytes were written since the last round (or, with
+ * flush_seconds, some bytes and that much time: on a slow link the durable
+ * offset still advances often, so a failed attempt resends little), a flush
  * round starts: W is snapshotted, every worker sends NBD_CMD_FLUSH on its
  * destination connection (the server may not advertise multi-conn), and
  * when all of them have replied the manifest entries of the requests
@@ -67,6 +69,7 @@ enum { OP_READ, OP_WRITE, OP_ZERO, OP_FLUSH };
 struct done_rec {
   struct done_rec *next;
   uint64_t off, len;
+  uint64_t read, written;       /* bytes read from the source, data written */
   int zero;
   uint8_t hashes[];             /* nblocks * 16 unless zero */
 };
@@ -149,6 +152,7 @@ struct bs_stream {
   struct done_rec *recs;
   uint64_t bytes_since_flush;
   int round_active;
+  double round_t;               /* when the last round started (or the run) */
   uint64_t round_w;
   int round_left;
   double rate;
@@ -170,6 +174,9 @@ struct bs_stream {
   atomic_int closing;
   _Atomic uint64_t bytes_read, bytes_written, bytes_zero, bytes_skipped;
   _Atomic uint64_t extents_done, durable;
+  /* bytes read / written by requests below durable: what a failed run
+   * does not have to move again (bytes_read - read_durable must) */
+  _Atomic uint64_t read_durable, written_durable;
   atomic_int done;
 };
 
@@ -359,6 +366,8 @@ bs_stream_progress (bs_stream *s, bs_progress *p)
   p->bytes_skipped = atomic_load (&s->bytes_skipped);
   p->extents_done = atomic_load (&s->extents_done);
   p->durable_offset = atomic_load (&s->durable);
+  p->read_durable = atomic_load (&s->read_durable);
+  p->written_durable = atomic_load (&s->written_durable);
   p->done = atomic_load (&s->done);
 }
 
@@ -419,6 +428,8 @@ publish_durable_locked (bs_stream *s, uint64_t w)
     if (r->off < w) {
       if (s->manifest)
         store_hashes (s, r->off, r->len, r->zero, r->hashes);
+      atomic_fetch_add (&s->read_durable, r->read);
+      atomic_fetch_add (&s->written_durable, r->written);
       *pp = r->next;
       free (r);
     }
@@ -433,6 +444,7 @@ static void
 start_round_locked (bs_stream *s, uint64_t w)
 {
   s->round_active = 1;
+  s->round_t = now_s ();
   s->round_w = w;
   s->round_left = s->nworkers;
   s->bytes_since_flush = 0;
@@ -570,7 +582,9 @@ complete_request (struct worker *w, struct req *r)
     wake_all_locked (s);
   }
   else if (s->cfg.dst_uri && !s->round_active &&
-           s->bytes_since_flush >= s->cfg.flush_interval &&
+           (s->bytes_since_flush >= s->cfg.flush_interval ||
+            (s->cfg.flush_seconds > 0 && s->bytes_since_flush > 0 &&
+             now - s->round_t >= s->cfg.flush_seconds)) &&
            atomic_load (&s->stop) == STOP_NONE)
     start_round_locked (s, wm);
   pthread_mutex_unlock (&s->mu);
@@ -782,15 +796,20 @@ classify (struct worker *w, struct req *r)
   uint8_t tmp[BS_HASH_SIZE];
   uint64_t skipped = 0, zeros = 0;
 
-  if (want_hash && s->cfg.dst_uri) {
-    r->rec = malloc (sizeof *r->rec + (r->zero ? 0 : nb * BS_HASH_SIZE));
+  if (s->cfg.dst_uri) {
+    /* Every copied request leaves a record until it is below durable: its
+     * hashes (with a manifest) and what it moved (for the *_durable counts). */
+    int keep_hashes = want_hash && !r->zero;
+    r->rec = malloc (sizeof *r->rec + (keep_hashes ? nb * BS_HASH_SIZE : 0));
     if (r->rec == NULL)
       return -1;
     r->rec->next = NULL;
     r->rec->off = r->off;
     r->rec->len = r->len;
     r->rec->zero = r->zero;
-    if (!r->zero)
+    r->rec->read = r->zero ? 0 : r->len;
+    r->rec->written = 0;
+    if (keep_hashes)
       hout = r->rec->hashes;
   }
   else if (want_hash)
@@ -822,6 +841,8 @@ classify (struct worker *w, struct req *r)
       r->cls[i] = z ? CLS_ZERO : CLS_DATA;
       if (z)
         zeros += bl;
+      else if (r->rec)
+        r->rec->written += bl;
       r->to_write += bl;
     }
     if (hout && h)
@@ -1390,6 +1411,7 @@ bs_stream_run (bs_stream *s, uint8_t *manifest, size_t manifest_len,
   s->running = 1;
   s->tokens = 0;
   s->tokens_t = now_s ();
+  s->round_t = s->tokens_t;
   ring_sample_locked (s, now_s ());
   if (s->nseg == 0)
     atomic_store (&s->finished, 1);
