@@ -68,6 +68,8 @@ from transcend.models import (
     ChangeKind,
     ChangeSummary,
     DiskInfo,
+    FrozenHandle,
+    NbdEndpoint,
     PlatformInfo,
     PlatformKind,
     PlatformSpec,
@@ -268,6 +270,91 @@ def test_staging_push_export_over_tls(tmp_path: Path, pki_base: Path) -> None:
                                layers[0]], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     finally:
+        with contextlib.suppress(Exception):
+            KvmTarget(info, {}).resume(staging.handle).abort()
+        _stop_servers()
+
+
+def _psk_settings(site: str, home: Path, psk_dir: Path, ports: tuple[int, int]) -> Settings:
+    return Settings(home=home, site=site, site_address="127.0.0.1", nbd_port_min=ports[0],
+                    nbd_port_max=ports[1], nbd_tls_dir=str(psk_dir), nbd_tls="psk")
+
+
+def _hashes(uri: str, size: int) -> bytes:
+    """Block hashes of an export read through blockstream (which takes tls-username
+    from the URI, unlike libnbd 1.14's own tools)."""
+    manifest = bytearray(blockstream.zero_manifest(size, BS))
+    blockstream.copy(uri, None, [blockstream.Extent(0, size)], disk_size=size,
+                     manifest=manifest, block_size=BS)
+    return bytes(manifest)
+
+
+@needs_qemu
+@pytest.mark.timeout(120)
+def test_psk_push_export_and_pull_front(tmp_path: Path) -> None:
+    """PSK instead of certificates, both ways data crosses: a staging export (push)
+    written by site a, and a front of a frozen disk (pull) read by site b; a key of
+    another PSK file is refused, naming PSK."""
+    shared = tmp_path / "psk"
+    pki.psk_new(shared / pki.PSK_FILE, "transcend")
+    other = tmp_path / "psk-other"
+    pki.psk_new(other / pki.PSK_FILE, "transcend")  # same identity, another key
+    port = free_port()
+    ports = (port, port + 3)
+    sb = _psk_settings("b", tmp_path / "home-b", shared, ports)
+    sa = _psk_settings("a", tmp_path / "home-a", shared, ports)
+    stranger = _psk_settings("a", tmp_path / "home-a", other, ports)
+    info = PlatformInfo(name="kvm-b", kind=PlatformKind.KVM, site="b",
+                        config={"root": str(tmp_path / "replicas")})
+    size = 4 * MiB
+    disks = [DiskInfo(id="vda", size=size)]
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(2).randbytes(size // 2) + bytes(size // 2))
+    src_uri = _serve_raw(tmp_path, src)
+    want = _hashes(src_uri, size)
+    staging = KvmTarget(info, {}).begin_remote("p1", "c1", disks, None, nbdtls.remote_export(sb))
+    frozen_handle = FrozenHandle(platform="kvm-a", protection="p1", cycle_id="c1",
+                                 instant=datetime.now(UTC), disks=disks,
+                                 kinds={"vda": ChangeKind.FULL})
+    try:
+        # push: site a writes into site b's PSK export with the shared key
+        ep = staging.handle.remote["vda"]
+        dst = nbdtls.with_local_credentials(ep.uri, sa)
+        assert "tls-username=transcend" in dst and "tls-certificates" not in dst
+        manifest = bytearray(blockstream.zero_manifest(size, BS))
+        blockstream.Stream(src_uri, dst, [blockstream.Extent(0, size)], disk_size=size,
+                           manifest=manifest, block_size=BS).run()
+        assert bytes(manifest) == want
+        bad = nbdtls.with_local_credentials(ep.uri, stranger)
+        with pytest.raises(blockstream.BlockstreamError) as ei:
+            blockstream.Stream(src_uri, bad, [blockstream.Extent(0, BS)], disk_size=size,
+                               manifest=bytearray(len(manifest)), block_size=BS).run()
+        refused = nbdtls.tls_refusal(bad, ei.value.nbd_error, stranger)
+        assert refused is not None and "PSK" in str(refused), ei.value.nbd_error
+        # a retried begin recognises its PSK export and keeps the port
+        retried = KvmTarget(info, {}).begin_remote("p1", "c1", disks, None,
+                                                   nbdtls.remote_export(sb))
+        assert retried.handle.remote["vda"].uri == ep.uri
+
+        # pull: site a fronts a frozen disk (here: the raw source) with the PSK, and
+        # site b reads it with its own copy of the key; the stranger is refused
+        class Frozen:
+            handle = frozen_handle
+
+            def export(self, disk: str) -> NbdEndpoint:
+                return NbdEndpoint(uri=src_uri, size=size)
+
+        remote = pullexport.serve_frozen(sa, Frozen())  # type: ignore[arg-type]
+        frozen_handle.remote = remote
+        assert _hashes(nbdtls.with_local_credentials(remote["vda"].uri, sb), size) == want
+        with pytest.raises(blockstream.BlockstreamError):
+            _hashes(nbdtls.with_local_credentials(remote["vda"].uri, stranger), size)
+        assert pullexport.serve_frozen(sa, Frozen()) == remote  # idempotent  # type: ignore[arg-type]
+        pullexport.stop_frozen(sa, frozen_handle)
+        assert not list((sa.home / "pull").glob("*.pid"))
+    finally:
+        with contextlib.suppress(Exception):
+            pullexport.stop_frozen(sa, frozen_handle)
         with contextlib.suppress(Exception):
             KvmTarget(info, {}).resume(staging.handle).abort()
         _stop_servers()

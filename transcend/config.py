@@ -12,6 +12,7 @@ import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,6 +49,10 @@ class Settings(BaseModel):
     # This site's x509 bundle (transcend/pki.py layout: ca-cert.pem, server-*.pem,
     # client-*.pem). Empty: <pki_dir>/sites/<site>, where `transcend ca issue` puts it.
     nbd_tls_dir: str = ""
+    # How sites authenticate NBD over TLS: "x509" (certificates from `transcend ca
+    # issue`) or "psk" (a pre-shared key: keys.psk in the same directory, the same
+    # identity and key at every site that talks to this one).
+    nbd_tls: Literal["x509", "psk"] = "x509"
     # A copy whose counters do not move for this long is cancelled and retried from its
     # durable offset (a cut link otherwise stalls until TCP gives up, ~15 minutes).
     stream_stall_seconds: int = Field(default=60, ge=5)
@@ -123,6 +128,7 @@ _ENV = {
     "nbd_port_min": "TRANSCEND_NBD_PORT_MIN",
     "nbd_port_max": "TRANSCEND_NBD_PORT_MAX",
     "nbd_tls_dir": "TRANSCEND_NBD_TLS_DIR",
+    "nbd_tls": "TRANSCEND_NBD_TLS",
     "stream_stall_seconds": "TRANSCEND_STREAM_STALL_SECONDS",
 }
 

@@ -10,6 +10,11 @@ process that opens such a URI adds its *own* site's client bundle with
 
 The site's bundle is ``Settings.site_tls_dir``: ``TRANSCEND_NBD_TLS_DIR`` or
 ``<pki_dir>/sites/<site>``, the layout ``transcend ca issue`` writes (transcend/pki.py).
+
+With ``nbd_tls = "psk"`` the same directory holds ``keys.psk`` instead (``identity:
+hexkey`` lines, ``transcend ca psk``): qemu-nbd serves with ``tls-creds-psk`` and
+accepts every identity in it; a client presents this site's own identity when the
+file has one, else the file's first (one shared line copied to every site works).
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from transcend.config import Settings
 
 Role = Literal["server", "client"]
 
-_FILES: dict[Role, tuple[str, str, str]] = {
+_FILES: dict[Role, tuple[str, ...]] = {
     "server": (pki.CA_CERT, pki.SERVER_CERT, pki.SERVER_KEY),
     "client": (pki.CA_CERT, pki.CLIENT_CERT, pki.CLIENT_KEY),
 }
+_PSK_FILES: tuple[str, ...] = (pki.PSK_FILE,)
+# Query parameters carrying a reader's credentials: replaced by this site's own.
+_CREDENTIAL_PARAMS = ("tls-certificates", "tls-psk-file", "tls-username")
 
 # Words in libnbd/GnuTLS errors that mean the TLS session itself was refused (a
 # certificate from another CA, none at all, a name mismatch, a server without TLS):
@@ -59,6 +67,7 @@ class RemoteExport:
     port_min: int
     port_max: int
     tls_dir: str
+    psk: bool = False
 
 
 def is_tls_uri(uri: str) -> bool:
@@ -66,6 +75,10 @@ def is_tls_uri(uri: str) -> bool:
 
 
 def _issue_hint(settings: Settings, directory: Path) -> str:
+    if settings.nbd_tls == "psk":
+        return (f"run `transcend ca psk {settings.site}` (or copy the keys.psk the other "
+                f"sites use) into {directory} on this site (or set TRANSCEND_NBD_TLS_DIR to "
+                "where it is)")
     addr = settings.site_address or "ADDRESS"
     flag = "--host" if addr != "ADDRESS" and not _is_ip(addr) else "--ip"
     return (f"run `transcend ca issue {settings.site} {flag} {addr}` where the CA is (its "
@@ -86,18 +99,20 @@ def _is_ip(text: str) -> bool:
 def site_credentials(settings: Settings, role: Role) -> Path:
     """This site's certificate directory, checked to hold the files ``role`` needs
     (qemu-nbd as server: ca-cert, server-cert, server-key; libnbd as client: ca-cert,
-    client-cert, client-key). Raises TlsSetupError naming the missing file."""
+    client-cert, client-key; with PSK keys.psk for both). Raises TlsSetupError naming
+    the missing file."""
     directory = settings.site_tls_dir
+    files = _PSK_FILES if settings.nbd_tls == "psk" else _FILES[role]
     if not directory.is_dir():
         raise TlsSetupError(
             f"site {settings.site!r} has no NBD TLS certificates: {directory} does not "
             f"exist; {_issue_hint(settings, directory)}")
-    missing = [n for n in _FILES[role] if not (directory / n).is_file()]
+    missing = [n for n in files if not (directory / n).is_file()]
     if missing:
         raise TlsSetupError(
             f"site {settings.site!r}: {', '.join(missing)} missing in {directory} (needed "
             f"as NBD TLS {role}); {_issue_hint(settings, directory)}")
-    unreadable = [n for n in _FILES[role] if not _readable(directory / n)]
+    unreadable = [n for n in files if not _readable(directory / n)]
     if unreadable:
         raise TlsSetupError(
             f"site {settings.site!r}: cannot read {', '.join(unreadable)} in {directory}; "
@@ -113,16 +128,36 @@ def _readable(path: Path) -> bool:
         return False
 
 
+def psk_identity(settings: Settings, psk_file: Path) -> str:
+    """The identity this site presents from ``psk_file``: its own site name when the
+    file has that line, else the first identity in it."""
+    identities = []
+    for line in psk_file.read_text(errors="replace").splitlines():
+        ident, sep, key = line.strip().partition(":")
+        if sep and ident and key:
+            identities.append(ident)
+    if not identities:
+        raise TlsSetupError(f"site {settings.site!r}: {psk_file} holds no `identity:hexkey` "
+                            f"line; {_issue_hint(settings, psk_file.parent)}")
+    return settings.site if settings.site in identities else identities[0]
+
+
 def with_local_credentials(uri: str, settings: Settings) -> str:
-    """``uri`` with this site's client bundle as ``tls-certificates`` (replacing any
-    directory another site put there); non-TLS URIs unchanged."""
+    """``uri`` with this site's client credentials (replacing any another site put
+    there): its bundle as ``tls-certificates``, or with PSK its ``tls-psk-file`` and
+    ``tls-username``; non-TLS URIs unchanged."""
     if not is_tls_uri(uri):
         return uri
     directory = site_credentials(settings, "client")
     parts = urlsplit(uri)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-             if k != "tls-certificates"]
-    query.append(("tls-certificates", str(directory)))
+             if k not in _CREDENTIAL_PARAMS]
+    if settings.nbd_tls == "psk":
+        psk_file = directory / pki.PSK_FILE
+        query += [("tls-psk-file", str(psk_file)),
+                  ("tls-username", psk_identity(settings, psk_file))]
+    else:
+        query.append(("tls-certificates", str(directory)))
     return urlunsplit(parts._replace(query=urlencode(query, safe="/", quote_via=quote)))
 
 
@@ -137,7 +172,8 @@ def remote_export(settings: Settings, transfer: str = "push") -> RemoteExport:
             "in transcend.toml) to the host name or IP the other site dials, and restart it")
     directory = site_credentials(settings, "server")
     return RemoteExport(address=settings.site_address, port_min=settings.nbd_port_min,
-                        port_max=settings.nbd_port_max, tls_dir=str(directory))
+                        port_max=settings.nbd_port_max, tls_dir=str(directory),
+                        psk=settings.nbd_tls == "psk")
 
 
 def peer(uri: str) -> str:
@@ -150,9 +186,16 @@ def tls_refusal(uri: str, nbd_error: str, settings: Settings) -> TlsRefused | No
     """A TlsRefused that names the peer and the certificate directory when
     ``nbd_error`` is a TLS refusal on the TLS URI ``uri``; None otherwise."""
     low = nbd_error.lower()
-    refused = any(w in low for w in _TLS_REFUSAL) or (_AT_CONNECT in low and "tls" in low)
+    refused = (any(w in low for w in _TLS_REFUSAL) or (_AT_CONNECT in low and "tls" in low)
+               or (settings.nbd_tls == "psk" and "psk" in low))
     if not is_tls_uri(uri) or not refused:
         return None
+    if settings.nbd_tls == "psk":
+        return TlsRefused(
+            f"NBD TLS (PSK) session with {peer(uri)} refused: {nbd_error.strip()}. Site "
+            f"{settings.site!r} presented an identity from "
+            f"{settings.site_tls_dir / pki.PSK_FILE}; the server's keys.psk must hold that "
+            "identity with the same key, and both sites must use nbd_tls = psk")
     return TlsRefused(
         f"NBD TLS session with {peer(uri)} refused: {nbd_error.strip()}. Site "
         f"{settings.site!r} presented the client certificate in {settings.site_tls_dir}; "
@@ -167,6 +210,7 @@ __all__ = [
     "TlsSetupError",
     "is_tls_uri",
     "peer",
+    "psk_identity",
     "remote_export",
     "site_credentials",
     "tls_refusal",

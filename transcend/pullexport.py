@@ -59,7 +59,8 @@ def _front(settings: Settings, handle: FrozenHandle, disk: DiskId, image_uri: st
         # the image is an NBD connection, not a file: there is no page cache to bypass
         cache="writeback",
         fmt="raw",
-        tcp=TcpListen(remote.address, 0, remote.tls_dir) if remote else TcpListen("", 0, ""),
+        tcp=(TcpListen(remote.address, 0, remote.tls_dir, psk=remote.psk) if remote
+             else TcpListen("", 0, "")),
     )
 
 
@@ -72,8 +73,7 @@ def serve_frozen(settings: Settings, frozen: Frozen) -> dict[DiskId, NbdEndpoint
     for disk in frozen.handle.disks:
         local = frozen.export(disk.id)
         front = serve_tcp(_front(settings, frozen.handle, disk.id, local.uri, remote),
-                          remote.address, remote.port_min, remote.port_max, remote.tls_dir,
-                          "a pull export of a frozen disk")
+                          remote.port_min, remote.port_max, "a pull export of a frozen disk")
         out[disk.id] = NbdEndpoint(uri=front.uri, size=local.size, writable=False)
     return out
 

@@ -245,6 +245,9 @@ class TcpListen:
     host: str
     port: int
     tls_dir: str
+    # PSK instead of x509: tls_dir holds keys.psk (identity:hexkey lines); a client
+    # must know one identity's key, which authenticates both ends
+    psk: bool = False
 
 
 @dataclass(frozen=True)
@@ -298,9 +301,9 @@ class NbdExport:
     def alive(self) -> bool:
         return self.pid() is not None and self._reachable()
 
-    def running_listen(self) -> tuple[str, int, str] | None:
-        """``(host, port, tls_dir)`` the running qemu-nbd of this TCP export was started
-        with (a retried ``begin`` keeps the port a previous attempt chose), or None."""
+    def running_listen(self) -> TcpListen | None:
+        """Where and with which credentials the running qemu-nbd of this TCP export
+        listens (a retried ``begin`` keeps the port a previous attempt chose), or None."""
         pid = self.pid()
         if pid is None or self.tcp is None:
             return None
@@ -310,9 +313,11 @@ class NbdExport:
             port = int(args[args.index("--port") + 1])
         except (ValueError, IndexError):
             return None
-        creds = next((a for a in args if a.startswith("tls-creds-x509,")), "")
+        creds = next((a for a in args if a.startswith(("tls-creds-x509,", "tls-creds-psk,"))),
+                     "")
         m = re.search(r"(?:^|,)dir=((?:[^,]|,,)*)", creds)
-        return host, port, (m.group(1).replace(",,", ",") if m else "")
+        return TcpListen(host, port, m.group(1).replace(",,", ",") if m else "",
+                         psk=creds.startswith("tls-creds-psk,"))
 
     def _listen_args(self) -> list[str]:
         if self.tcp is None:
@@ -321,9 +326,10 @@ class NbdExport:
         tls_dir = self.tcp.tls_dir.replace(",", ",,")
         # More clients than on a unix socket: after a cut link the server keeps the
         # dead connections until TCP gives up on them, and the retried copy needs its own.
+        creds = (f"tls-creds-psk,id=tls0,dir={tls_dir},endpoint=server" if self.tcp.psk else
+                 f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer=on")
         return ["--bind", self.tcp.host, "--port", str(self.tcp.port), "--shared=32",
-                "--object", f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer=on",
-                "--tls-creds", "tls0"]
+                "--object", creds, "--tls-creds", "tls0"]
 
     def argv(self, cache: str) -> list[str]:
         argv = [
@@ -424,24 +430,27 @@ def _export_key(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
 
 
-def serve_tcp(export: NbdExport, address: str, port_min: int, port_max: int, tls_dir: str,
-              what: str) -> NbdExport:
-    """Start the TCP ``export`` on a free port of ``port_min..port_max`` and return it
-    with that port. A qemu-nbd a previous attempt started is kept (same address and
-    certificates), so its port, which a peer at another site may know, stays."""
+def serve_tcp(export: NbdExport, port_min: int, port_max: int, what: str) -> NbdExport:
+    """Start the TCP ``export`` (its ``tcp`` says the address and credentials; the
+    port is chosen) on a free port of ``port_min..port_max`` and return it with that
+    port. A qemu-nbd a previous attempt started is kept (same address and
+    credentials), so its port, which a peer at another site may know, stays."""
+    if export.tcp is None:
+        raise ValueError("serve_tcp needs an export with a TcpListen")
+    want = export.tcp
     running = export.running_listen()
     if running is not None:
-        host, port, running_dir = running
-        if (host, running_dir) == (address, tls_dir):
-            return dataclasses.replace(export, tcp=TcpListen(host, port, tls_dir))
-        export.stop(kill=True)  # the site's address or certificates changed since
+        if dataclasses.replace(running, port=0) == dataclasses.replace(want, port=0):
+            return dataclasses.replace(export, tcp=running)
+        export.stop(kill=True)  # the site's address or credentials changed since
+    address = want.host
     span = port_max - port_min + 1
     # Start the search at a place derived from the export, so concurrent starts of
     # different disks rarely probe the same port first.
     first = _export_key(export.pid_file) % span
     for i in range(span):
         port = port_min + (first + i) % span
-        candidate = dataclasses.replace(export, tcp=TcpListen(address, port, tls_dir))
+        candidate = dataclasses.replace(export, tcp=dataclasses.replace(want, port=port))
         try:
             if not port_free(address, port):
                 continue

@@ -258,12 +258,11 @@ class KvmTarget:
         key = _key("staging", protection, cycle_id, disk)
         return dataclasses.replace(
             self._export("sn", key, staging, disk, readonly=False), socket_path="",
-            tcp=TcpListen(host=remote.address, port=0, tls_dir=remote.tls_dir))
+            tcp=TcpListen(host=remote.address, port=0, tls_dir=remote.tls_dir, psk=remote.psk))
 
     @staticmethod
     def _serve_tcp(export: NbdExport, remote: RemoteExport) -> NbdExport:
-        return serve_tcp(export, remote.address, remote.port_min, remote.port_max,
-                         remote.tls_dir, "a staging export")
+        return serve_tcp(export, remote.port_min, remote.port_max, "a staging export")
 
     def _point_export(self, point: RecoveryPoint, pd: PointDisk) -> NbdExport:
         return self._export("rp", _key("point", point.protection, point.id, pd.disk),
