@@ -20,6 +20,8 @@ DEBS=(
   golang-go golang-github-vmware-govmomi-dev
   # guest preparation before a recovered VM's first boot: re-IP and virt-v2v conversion
   libguestfs-tools virt-v2v
+  # the Debian test guest virt-v2v converts (tests/harness/debian_guest.py)
+  debootstrap
 )
 
 missing=()
