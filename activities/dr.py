@@ -26,7 +26,7 @@ from temporalio.service import RPCError, RPCStatusCode
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
 from activities.failover import boot_tiers
-from activities.points import guest_prep_for
+from activities.points import guest_prep_for, reip_rules
 from connectors.base import PermanentError
 from connectors.kvm.qemu import export_sha256
 from connectors.kvm.source import KvmFrozen, KvmSource
@@ -225,7 +225,8 @@ class DrActivities:
                     tracking_name=f"transcend.{tracking_protection(inp.protection)}.failover",
                     network_map=rec.spec.policy.network_map,
                     guest_prep=guest_prep_for(self.ctx, rec.spec.source_platform,
-                                              rec.spec.target_platform, inp.convert, inp.reip),
+                                              rec.spec.target_platform, inp.convert,
+                                              reip_rules(inp.reip, rec.spec.policy, test=False)),
                 ))
                 vm = FailedOverVm(vm=wl.name, source_vm=wl.ref.id, instance=instance,
                                   source_was_running=inp.source_was_running)

@@ -12,7 +12,7 @@ from activities.context import ActivityContext, in_thread, permanent
 from connectors.base import PermanentError
 from transcend.api import BootInput, BootResult, VerifyInput, VerifyResult
 from transcend.guestprep import GuestPrep, ReIpRule
-from transcend.models import BootSpec, PlatformInfo, PlatformKind
+from transcend.models import BootSpec, PlatformInfo, PlatformKind, ProtectionPolicy
 
 
 class PointActivities:
@@ -93,9 +93,10 @@ class PointActivities:
                     point,
                     BootSpec(name=inp.name, network=network, isolated=inp.isolated,
                              workload=workload, network_map=rec.spec.policy.network_map,
-                             guest_prep=guest_prep_for(self.ctx, rec.spec.source_platform,
-                                                       rec.spec.target_platform, inp.convert,
-                                                       inp.reip)),
+                             guest_prep=guest_prep_for(
+                                 self.ctx, rec.spec.source_platform, rec.spec.target_platform,
+                                 inp.convert, reip_rules(inp.reip, rec.spec.policy,
+                                                         test=inp.isolated))),
                 )
             return BootResult(point_id=point.id, instance_id=inst.id, name=inst.name,
                               console_log=inst.console_log, prepared=inst.prepared)
@@ -103,11 +104,19 @@ class PointActivities:
         return await in_thread(run)
 
 
+def reip_rules(given: list[ReIpRule], policy: ProtectionPolicy, *, test: bool) -> list[ReIpRule]:
+    """The operation's own re-IP rules, else the protection's runbook rules: those for
+    test failovers (isolated boots) or those for failover and migration."""
+    if given:
+        return given
+    return policy.test_reip if test else policy.reip
+
+
 def guest_prep_for(ctx: ActivityContext, source_platform: str, target_platform: str,
                    convert: str, reip: list[ReIpRule]) -> GuestPrep | None:
     """What a boot does to the guest first: conversion when asked, or ("auto") when the
     guest comes from another hypervisor and the target is KVM (virt-v2v converts to
-    KVM only); the re-IP rules as given."""
+    KVM only); the re-IP rules as given (the operation's, else the policy's)."""
     if convert == "auto":
         source = ctx.catalog.get_platform(source_platform).kind
         target = ctx.catalog.get_platform(target_platform).kind

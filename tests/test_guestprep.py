@@ -37,6 +37,7 @@ from tests.harness.stack import Stack
 from transcend import api
 from transcend.api import CONTROL_TASK_QUEUE, HealthCheck
 from transcend.guestprep import ReIpRule, translate_text
+from transcend.models import ProtectionPolicy
 
 IFUPDOWN = """auto lo
 iface lo inet loopback
@@ -76,6 +77,23 @@ def test_rules_are_checked() -> None:
         ReIpRule(from_cidr="10.0.0.5/24", to_cidr="192.168.0.0/24")  # host bits set
 
 
+def test_operation_rules_win_over_the_runbook() -> None:
+    from activities.points import reip_rules
+
+    other = ReIpRule(from_cidr="10.9.0.0/16", to_cidr="172.16.0.0/16")
+    test_rule = ReIpRule(from_cidr="10.77.0.0/24", to_cidr="10.99.0.0/24")
+    policy = ProtectionPolicy(rpo_seconds=60, reip=[RULE], test_reip=[test_rule])
+    assert reip_rules([], policy, test=False) == [RULE]  # failover, migration
+    assert reip_rules([], policy, test=True) == [test_rule]  # test failover
+    assert reip_rules([other], policy, test=True) == [other]
+    assert reip_rules([other], policy, test=False) == [other]
+    assert reip_rules([], ProtectionPolicy(rpo_seconds=60), test=False) == []
+    # the rules are validated where the policy is
+    with pytest.raises(ValueError, match="same prefix length"):
+        ProtectionPolicy(rpo_seconds=60, reip=[{"from_cidr": "10.0.0.0/24",
+                                                 "to_cidr": "10.1.0.0/16"}])
+
+
 def _sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -107,18 +125,21 @@ async def _reip(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
                          root_files={"/etc/network/interfaces": IFUPDOWN}):
         m = wait_for_console(tmp_path / "console.log", rf"^{NET_MARKER} (\S+) (\S+)", 30)
         assert m.group(2) == "10.77.0.5/24", m.group(0)  # the source's own address
-        await wait_first_point(await start_protection(client, protection_spec(p, vm, src, dst)))
+        # The rule is the protection's runbook rule for test failovers (the policy),
+        # not the operation's: the test failover below gives none.
+        spec = protection_spec(p, vm, src, dst)
+        spec.policy = spec.policy.model_copy(update={"test_reip": [RULE]})
+        await wait_first_point(await start_protection(client, spec))
         point = cat.latest_point(p)
         assert point is not None
         before = {d.disk: _sha256(d.location) for d in point.disks}
 
-        # Test failover with the rule: the recovered guest configures the new address.
+        # Test failover: the recovered guest configures the new address.
         health = HealthCheck(kind="console", pattern=rf"^{NET_MARKER} eth0 192\.168\.77\.5/24",
                              timeout_seconds=300)
         handle = await client.start_workflow(
             api.TEST_FAILOVER_WORKFLOW,
-            api.TestFailoverInput(protection=p, point_id=point.id, health=health, keep_seconds=600,
-                                  reip=[RULE]),
+            api.TestFailoverInput(protection=p, point_id=point.id, health=health, keep_seconds=600),
             id=api.test_failover_id(p), task_queue=CONTROL_TASK_QUEUE,
             result_type=api.TestFailoverStatus)
         running = await wait_phase(handle, api.TestFailoverStatus, {"running", "failed"}, 900)

@@ -475,10 +475,15 @@ async def resume(name: str) -> None:
 @click.option("--transfer", type=click.Choice(["auto", "local", "push", "pull"]), default=None,
               help="how data crosses between sites: auto (local on one site, push across); "
                    "pull when only the source site can be dialled")
+@click.option("--reip", "reip", multiple=True, metavar="FROM_CIDR=TO_CIDR",
+              help="runbook re-IP rule for failover and migration (repeat; 'none' clears)")
+@click.option("--test-reip", "test_reip", multiple=True, metavar="FROM_CIDR=TO_CIDR",
+              help="re-IP rule for test failovers (repeat; 'none' clears)")
 @run_async
 async def policy(name: str, rpo: str | None, retention: str | None, continuous: bool | None,
                  drill: str | None, bandwidth: str | None, priority: str | None,
-                 transfer: str | None) -> None:
+                 transfer: str | None, reip: tuple[str, ...],
+                 test_reip: tuple[str, ...]) -> None:
     """Change a protection's policy (validated before anything changes)."""
     current = _catalog().get_protection(name).spec.policy
     data = current.model_dump()
@@ -497,6 +502,9 @@ async def policy(name: str, rpo: str | None, retention: str | None, continuous: 
             data["priority"] = priority
         if transfer:
             data["transfer"] = transfer
+        for key, rules in (("reip", reip), ("test_reip", test_reip)):
+            if rules:
+                data[key] = [] if rules == ("none",) else parse_reip(rules)
         new = ProtectionPolicy.model_validate(data)
     except (ValidationError, ValueError) as e:
         fail(str(e))

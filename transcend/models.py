@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from transcend.guestprep import GuestPrep
+from transcend.guestprep import GuestPrep, ReIpRule
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lower-case name: a-z 0-9 . _ -")]
@@ -181,6 +181,15 @@ class ProtectionPolicy(Model):
     connections: int = Field(default=4, ge=1, le=16)
     network_map: dict[str, str] = Field(default_factory=dict)
     test_network: str = ""
+    reip: list[ReIpRule] = Field(
+        default_factory=list,
+        description="runbook re-IP rules for failover and migration (the recovery site's "
+                    "subnets): applied to the guest before its first boot when the operation "
+                    "gives none of its own")
+    test_reip: list[ReIpRule] = Field(
+        default_factory=list,
+        description="re-IP rules for test failovers when the operation gives none (the test "
+                    "network's subnets; usually none: an isolated copy keeps its addresses)")
     test_failover_every_seconds: int | None = Field(
         default=None, ge=60,
         description="a successful test failover is due this often (a DR drill cadence); when "
