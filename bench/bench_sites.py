@@ -36,10 +36,12 @@ unshaped or shaped with tc.  A throw-away CA (transcend/pki.py) issues site
 
 Rows: links x {1, 4} connections (iperf3 streams with the same count).  The
 links are: unshaped; rate-limited to ``--rate-mbit`` (default 1000, both
-directions; tbf when the kernel has no sch_netem); the same rate plus 25 ms
-one-way delay on each direction (RTT +50 ms); and that plus 0.1 % loss on
-a -> b.  The last two need the kernel's netem qdisc: without it the harness
-raises NetemUnavailable and those rows print "skipped: kernel lacks sch_netem".
+directions; tbf when the kernel has no sch_netem); the same rate with 0.1 %
+loss on a -> b (netem, or an nftables rule dropping packets at random where
+the kernel has no netem); the same rate plus 25 ms one-way delay on each
+direction (RTT +50 ms); and that plus 0.1 % loss.  Delay needs the kernel's
+netem qdisc: without it the harness raises NetemUnavailable and those rows
+print "skipped: kernel lacks sch_netem".
 On a rate-limited link N is cut to about ``--seconds-per-copy`` (10 s) worth of
 data at the configured rate, so the shaped rows do not take minutes each.
 
@@ -145,6 +147,7 @@ def make_links(rate_mbit: float) -> list[Link]:
     return [
         Link("unshaped"),
         Link(r, rate_mbit),
+        Link(f"{r}, 0.1 % loss", rate_mbit, loss_pct=0.1),
         Link(f"{r}, RTT +50 ms", rate_mbit, delay_ms=25),
         Link(f"{r}, RTT +50 ms, 0.1 % loss", rate_mbit, delay_ms=25, loss_pct=0.1),
     ]

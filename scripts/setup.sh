@@ -11,6 +11,8 @@ DEBS=(
   # data path and platforms
   libnbd-bin nbdkit qemu-utils qemu-system-x86 qemu-block-extra
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu dnsmasq-base iproute2
+  # packet loss between the test sites where the kernel has no netem (tests/harness/netns.py)
+  nftables iputils-ping
   gnutls-bin
   # test guest: kernel extracted from its .deb, busybox init, boot loader, filesystems
   busybox-static e2fsprogs cpio zstd syslinux syslinux-common mtools fdisk dosfstools kmod

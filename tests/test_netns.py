@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -190,6 +191,29 @@ def test_netem_delay_raises_rtt(sites: TwoSites, server_b: subprocess.Popen[str]
     assert delayed - base >= 40
     sites.clear()
     assert client(sites, "a", "rtt", 10)["median_ms"] < base + 20
+
+
+def _ping_loss(sites: TwoSites, count: int) -> float:
+    """Share of ``count`` pings from site a to site b that got no reply."""
+    cp = subprocess.run(["ip", "netns", "exec", sites.ns["a"], "ping", "-q", "-n", "-i", "0.005",
+                         "-W", "1", "-c", str(count), sites.address("b")],
+                        capture_output=True, text=True, check=False)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", cp.stdout)
+    assert m, cp.stdout + cp.stderr
+    return 1 - int(m.group(2)) / int(m.group(1))
+
+
+def test_loss_drops_that_share_of_packets(sites: TwoSites) -> None:
+    """20 % loss on a's egress (netem, or nftables where the kernel has no netem):
+    about a fifth of the pings to b go unanswered; none once cleared."""
+    how = sites.netem("a", loss_pct=20)
+    try:
+        lost = _ping_loss(sites, 400)
+    finally:
+        sites.clear()
+    print(f"{how}: {lost:.1%} of 400 pings lost with 20 % loss")
+    assert 0.10 < lost < 0.32, lost
+    assert _ping_loss(sites, 100) <= 0.01
 
 
 def test_rate_limit(sites: TwoSites, server_b: subprocess.Popen[str]) -> None:

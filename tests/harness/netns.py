@@ -375,13 +375,16 @@ class TwoSites:
               rate_mbit: float | None = None) -> str:
         """Shape ``site``'s egress on the site link (``tc qdisc replace ... root
         netem``); all defaults = :meth:`clear`.  Returns the qdisc used: "netem",
-        or "tbf" for a pure rate limit on a kernel without sch_netem.  Raises
-        :class:`NetemUnavailable` for delay/loss without sch_netem."""
+        or on a kernel without sch_netem "tbf" for a rate limit and "nft" (plus
+        "+tbf" with a rate) for loss: an nftables rule in the site's namespace
+        drops that share of the packets leaving on the site link, at random.
+        Raises :class:`NetemUnavailable` for delay without sch_netem."""
         if delay_ms < 0 or not 0 <= loss_pct <= 100 or (rate_mbit is not None and rate_mbit <= 0):
             raise ValueError("delay_ms >= 0, 0 <= loss_pct <= 100, rate_mbit > 0")
         if not delay_ms and not loss_pct and rate_mbit is None:
             self.clear(site)
             return "none"
+        self._drop(site, 0.0)
         if self.netem_available():
             qdisc = ["netem", "limit", "100000"]
             if delay_ms:
@@ -390,26 +393,52 @@ class TwoSites:
                 qdisc += ["loss", f"{loss_pct}%"]
             if rate_mbit is not None:
                 qdisc += ["rate", f"{rate_mbit}mbit"]
-        elif delay_ms or loss_pct:
+        elif delay_ms:
             raise NetemUnavailable(
                 "the kernel has no netem qdisc (CONFIG_NET_SCH_NETEM off, `modprobe sch_netem` "
-                "failed): delay and loss cannot be emulated here; rate limits fall back to tbf"
+                "failed): delay cannot be emulated here; rate limits fall back to tbf, loss "
+                "to an nftables rule"
             )
+        elif rate_mbit is None:
+            self._drop(site, loss_pct)
+            return "nft"
         else:
             assert rate_mbit is not None
             rate_bytes = rate_mbit * 1e6 / 8
             # burst >= one 64 KiB GSO segment (tbf splits larger ones); ~10 ms of data
             burst = max(int(rate_bytes * 0.01), 65536)
             qdisc = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "100ms"]
+            if loss_pct:
+                self._drop(site, loss_pct)
         self._shaping[site] = qdisc
         if not self._blackholed:
             self._tc(site, "qdisc", "replace", "dev", self.site_dev[site], "root", *qdisc)
-        return qdisc[0]
+        return qdisc[0] if not loss_pct or qdisc[0] == "netem" else f"nft+{qdisc[0]}"
+
+    def _drop(self, site: Site, loss_pct: float) -> None:
+        """Drop ``loss_pct`` % of the packets leaving on the site link, at random
+        (nftables ``numgen random``, in parts per 100,000); 0 removes the rule."""
+        ns = self.ns[site]
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet",
+                        "transcend_loss"], capture_output=True, check=False)
+        if not loss_pct:
+            return
+        per_100k = max(1, round(loss_pct * 1000))
+        rules = (f"table inet transcend_loss {{\n chain out {{\n"
+                 f"  type filter hook postrouting priority 0;\n"
+                 f"  oifname \"{self.site_dev[site]}\" numgen random mod 100000 < {per_100k} drop\n"
+                 f" }}\n}}\n")
+        cp = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules,
+                            capture_output=True, text=True, check=False)
+        if cp.returncode != 0:
+            raise NetemUnavailable(f"no netem and nftables failed ({cp.stderr.strip()}): loss "
+                                   "cannot be emulated here; install nftables")
 
     def clear(self, site: Site | None = None) -> None:
         """Remove shaping from one site (or both)."""
         for s in SITES if site is None else (site,):
             self._shaping[s] = None
+            self._drop(s, 0.0)
             if not self._blackholed:
                 self._tc(s, "qdisc", "del", "dev", self.site_dev[s], "root", check=False)
 
