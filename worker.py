@@ -29,6 +29,7 @@ from activities.alerts import AlertActivities
 from activities.context import ActivityContext
 from activities.cycle import CycleActivities
 from activities.dr import DrActivities
+from activities.failback_sites import FailbackSiteActivities
 from activities.failover import FailoverActivities
 from activities.points import PointActivities
 from activities.protection import ProtectionActivities
@@ -56,6 +57,7 @@ WORKFLOWS: list[type] = [
 def activities(ctx: ActivityContext) -> list[Any]:
     cycle, protection, points = CycleActivities(ctx), ProtectionActivities(ctx), PointActivities(ctx)
     failover, dr = FailoverActivities(ctx), DrActivities(ctx)
+    failback_sites = FailbackSiteActivities(ctx)
     alerts = AlertActivities(ctx)
     return [
         cycle.start, cycle.prepare, cycle.freeze, cycle.begin, cycle.abort, cycle.stream,
@@ -70,6 +72,7 @@ def activities(ctx: ActivityContext) -> list[Any]:
         dr.check, dr.abort, dr.wait_idle, dr.power_off, dr.power_on, dr.boot, dr.record,
         dr.failback_check, dr.failback_abort, dr.failback_sync, dr.failback_verify,
         dr.failback_finish,
+        failback_sites.serve, failback_sites.pull, failback_sites.release, failback_sites.hashes,
         alerts.send, run_runbook_step,
     ]
 

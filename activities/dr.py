@@ -327,20 +327,8 @@ class DrActivities:
             prot = cat.get_protection(inp.protection)
             original = _kvm(self.ctx, prot.spec.source_platform, "source")
             failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
-            orig_wl = original.workload(fovm.source_vm)
-            if orig_wl.power_state == "paused" and original.paused_by_us(orig_wl.ref.id):
-                pass  # an attempt that died while reading its tracking; taken over below
-            elif orig_wl.power_state != "shutoff":
-                raise PermanentError(
-                    f"the original VM {orig_wl.name!r} is {orig_wl.power_state}; it must stay "
-                    "shut off while the failback writes its disks")
             fo_wl = failed_over.workload(fovm.instance.id)
-            if len(fo_wl.disks) != len(orig_wl.disks):
-                raise PermanentError(
-                    f"the failed-over VM has {len(fo_wl.disks)} disks, the original "
-                    f"{len(orig_wl.disks)}; failback needs the same disks")
-            if fovm.original_synced and orig_wl.power_state == "paused":
-                original.stop_leftover_paused(orig_wl.ref.id)
+            orig_wl = original_for_pass(original, fovm, len(fo_wl.disks))
             orig_dirty, mode = self._original_changes(
                 record, fovm, group=len(prot.workloads) > 1, orig_wl=orig_wl, original=original,
                 pass_id=pass_id)
@@ -354,7 +342,10 @@ class DrActivities:
         try:
             with open_disks(original, orig_wl.ref.id, readonly=False) as dsts:
                 for fo_disk, orig_disk, dst in zip(fo_wl.disks, orig_wl.disks, dsts, strict=True):
-                    self._sync_disk(frozen, fo_disk.id, orig_disk.id, dst, orig_dirty, result, live)
+                    src = frozen.export(fo_disk.id)
+                    alloc, dirty = failed_over_extents(frozen, fo_disk.id, src.uri, src.size)
+                    sync_disk(src.uri, src.size, alloc, dirty, orig_disk.id, dst, orig_dirty,
+                              result, live)
             # The record first: a crash before the release leaves both checkpoints, and
             # the retry reads from the new one (its bitmap already exists).
             fovm.failback_checkpoint = frozen.handle.data["new_checkpoint"]
@@ -396,47 +387,6 @@ class DrActivities:
             # Not committed: the new checkpoint folds back into the protection's own, which
             # keeps recording (the failback's writes too) for the protection's return.
             frozen.release(committed=False)
-
-    @staticmethod
-    def _sync_disk(frozen: KvmFrozen, fo_disk: str, orig_disk: str, dst: DiskAccess,
-                   orig_dirty: dict[str, list[tuple[int, int, int]]] | None,
-                   result: FailbackPass, live: list[blockstream.Stream]) -> None:
-        src = frozen.export(fo_disk)
-        size = src.size
-        if dst.size != size:
-            raise PermanentError(
-                f"disk {orig_disk} of the original VM is {dst.size} bytes, the failed-over "
-                f"one {size}; resize the original to match, then fail back again")
-        alloc = blockstream.block_status(src.uri, "base:allocation", disk_size=size)
-        kind = frozen.handle.kinds[fo_disk]
-        if orig_dirty is not None and kind == ChangeKind.INCREMENTAL:
-            dirty = blockstream.block_status(src.uri, f"qemu:dirty-bitmap:backup-{fo_disk}",
-                                             disk_size=size)
-            fo_bytes = sum(n for _, n, f in dirty if f & 1)
-            orig = orig_dirty.get(orig_disk, [])
-            extents = blockstream.plan_extents(alloc, [*dirty, *orig], disk_size=size,
-                                               granularity=GRANULARITY)
-            result.failed_over_bytes += fo_bytes
-            result.original_bytes += sum(n for _, n, _ in orig)
-            stream = blockstream.Stream(src.uri, dst.uri, extents, disk_size=size, hash="none")
-        else:
-            # Tracking unknown on one side: read both, write only blocks that differ.
-            result.mode = "hash-compare"
-            manifest = blockstream.zero_manifest(size, GRANULARITY)
-            hashing = blockstream.Stream(dst.uri, None, [blockstream.Extent(0, size)],
-                                         disk_size=size, manifest=manifest, block_size=GRANULARITY)
-            live.append(hashing)
-            hashing.run()
-            extents = [blockstream.Extent(o, n, bool(f & 2)) for o, n, f in alloc]
-            stream = blockstream.Stream(src.uri, dst.uri, extents, disk_size=size,
-                                        manifest=manifest, block_size=GRANULARITY, compare=True)
-        live.append(stream)
-        p = stream.run()
-        result.bytes_written += p.bytes_written
-        result.bytes_zeroed += p.bytes_zero
-        result.bytes_read += p.bytes_read
-        result.bytes_skipped += p.bytes_skipped
-        result.disk_size += size
 
     @activity.defn(name="failback.verify")
     async def failback_verify(self, protection: str) -> FailbackVerify:
@@ -496,6 +446,77 @@ class DrActivities:
                     raise PermanentError(str(e)) from e
 
         await in_thread(run)
+
+
+Extents = list[tuple[int, int, int]]
+
+
+def original_for_pass(original: KvmSource, fovm: FailedOverVm, disks: int) -> Workload:
+    """The original VM, checked to be shut off (or paused by an attempt of ours that
+    died reading its tracking) and to have as many disks as the failed-over one."""
+    orig_wl = original.workload(fovm.source_vm)
+    if orig_wl.power_state == "paused" and original.paused_by_us(orig_wl.ref.id):
+        pass  # an attempt that died while reading its tracking; taken over below
+    elif orig_wl.power_state != "shutoff":
+        raise PermanentError(
+            f"the original VM {orig_wl.name!r} is {orig_wl.power_state}; it must stay "
+            "shut off while the failback writes its disks")
+    if disks != len(orig_wl.disks):
+        raise PermanentError(
+            f"the failed-over VM has {disks} disks, the original {len(orig_wl.disks)}; "
+            "failback needs the same disks")
+    if fovm.original_synced and orig_wl.power_state == "paused":
+        original.stop_leftover_paused(orig_wl.ref.id)
+    return orig_wl
+
+
+def failed_over_extents(frozen: KvmFrozen, disk: str, uri: str, size: int
+                        ) -> tuple[Extents, Extents | None]:
+    """The failed-over disk's allocation, and (when its tracking covers the pass) what it
+    wrote since the last pass, as (offset, length, flags) from its frozen export."""
+    alloc = blockstream.block_status(uri, "base:allocation", disk_size=size)
+    if frozen.handle.kinds[disk] != ChangeKind.INCREMENTAL:
+        return alloc, None
+    return alloc, blockstream.block_status(uri, f"qemu:dirty-bitmap:backup-{disk}",
+                                           disk_size=size)
+
+
+def sync_disk(src_uri: str, size: int, alloc: Extents, dirty: Extents | None, orig_disk: str,
+              dst: DiskAccess, orig_dirty: dict[str, Extents] | None, result: FailbackPass,
+              live: list[blockstream.Stream]) -> None:
+    """Write one failed-over disk (``src_uri``) into the original's (``dst``): the union
+    of both sides' tracked changes, or every block whose hash differs where either
+    side's tracking is unknown."""
+    if dst.size != size:
+        raise PermanentError(
+            f"disk {orig_disk} of the original VM is {dst.size} bytes, the failed-over "
+            f"one {size}; resize the original to match, then fail back again")
+    if orig_dirty is not None and dirty is not None:
+        fo_bytes = sum(n for _, n, f in dirty if f & 1)
+        orig = orig_dirty.get(orig_disk, [])
+        extents = blockstream.plan_extents(alloc, [*dirty, *orig], disk_size=size,
+                                           granularity=GRANULARITY)
+        result.failed_over_bytes += fo_bytes
+        result.original_bytes += sum(n for _, n, _ in orig)
+        stream = blockstream.Stream(src_uri, dst.uri, extents, disk_size=size, hash="none")
+    else:
+        # Tracking unknown on one side: read both, write only blocks that differ.
+        result.mode = "hash-compare"
+        manifest = blockstream.zero_manifest(size, GRANULARITY)
+        hashing = blockstream.Stream(dst.uri, None, [blockstream.Extent(0, size)],
+                                     disk_size=size, manifest=manifest, block_size=GRANULARITY)
+        live.append(hashing)
+        hashing.run()
+        extents = [blockstream.Extent(o, n, bool(f & 2)) for o, n, f in alloc]
+        stream = blockstream.Stream(src_uri, dst.uri, extents, disk_size=size,
+                                    manifest=manifest, block_size=GRANULARITY, compare=True)
+    live.append(stream)
+    p = stream.run()
+    result.bytes_written += p.bytes_written
+    result.bytes_zeroed += p.bytes_zero
+    result.bytes_read += p.bytes_read
+    result.bytes_skipped += p.bytes_skipped
+    result.disk_size += size
 
 
 def production_name(vm: str, prefix: str, *, group: bool, same_host: bool) -> str:

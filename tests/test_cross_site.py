@@ -32,19 +32,22 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import libvirt
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 import blockstream
 from connectors.base import ChangeExtent, ChangeSet
 from connectors.kvm.qemu import export_sha256
 from connectors.kvm.target import KvmTarget
 from temporal.devserver import DevServer, free_port, start_dev_server
-from tests.harness.guest import GuestImage
-from tests.harness.libvirtd import DiskSpec, traversable
+from tests.harness.dr import remove_domain
+from tests.harness.guest import BOOT_MARKER, GuestImage
+from tests.harness.libvirtd import DiskSpec, traversable, wait_for_console
 from tests.harness.netns import NamespacesUnavailable, Site, TwoSites, two_sites
 from tests.harness.protect import (
     booted_guest,
@@ -59,8 +62,14 @@ from tests.harness.protect import (
     wait_for,
 )
 from tests.harness.records import check_contiguous, read_records
-from transcend import nbdtls, pki, pullexport
-from transcend.api import CYCLE_WORKFLOW, ReplicationStatus, StreamResult
+from transcend import api, nbdtls, pki, pullexport
+from transcend.api import (
+    CONTROL_TASK_QUEUE,
+    CYCLE_WORKFLOW,
+    HealthCheck,
+    ReplicationStatus,
+    StreamResult,
+)
 from transcend.catalog import Catalog
 from transcend.client import codec_keys, connect
 from transcend.config import Settings, load_settings
@@ -76,11 +85,14 @@ from transcend.models import (
     PointMeta,
     ProtectionPolicy,
     ProtectionSpec,
+    ProtectionState,
+    RecoveryPoint,
     effective_transfer,
 )
 from transcend.secrets import SecretBox
 
 REPO = Path(__file__).resolve().parents[1]
+XS_BOOTED = rf"^{BOOT_MARKER} seq=(\d+)"
 MiB = 1 << 20
 BS = 65536
 
@@ -350,7 +362,19 @@ def test_psk_push_export_and_pull_front(tmp_path: Path) -> None:
         with pytest.raises(blockstream.BlockstreamError):
             _hashes(nbdtls.with_local_credentials(remote["vda"].uri, stranger), size)
         assert pullexport.serve_frozen(sa, Frozen()) == remote  # idempotent  # type: ignore[arg-type]
-        pullexport.stop_frozen(sa, frozen_handle)
+        # the next cycle of the protection stops the fronts an earlier one left behind
+        # (a cycle that failed before its release)
+        pids = sorted((sa.home / "pull").glob("*.pid"))
+        old = [int(f.read_text()) for f in pids]
+        assert len(old) == 1 and _running(old[0])
+
+        class NextCycle(Frozen):
+            handle = frozen_handle.model_copy(update={"cycle_id": "c2", "remote": {}})
+
+        later = pullexport.serve_frozen(sa, NextCycle())  # type: ignore[arg-type]
+        assert not _running(old[0])
+        assert _hashes(nbdtls.with_local_credentials(later["vda"].uri, sb), size) == want
+        pullexport.stop_frozen(sa, NextCycle.handle.model_copy(update={"remote": later}))
         assert not list((sa.home / "pull").glob("*.pid"))
     finally:
         with contextlib.suppress(Exception):
@@ -358,6 +382,14 @@ def test_psk_push_export_and_pull_front(tmp_path: Path) -> None:
         with contextlib.suppress(Exception):
             KvmTarget(info, {}).resume(staging.handle).abort()
         _stop_servers()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 _SERVERS: list[subprocess.Popen[bytes]] = []
@@ -634,6 +666,23 @@ def _spec(name: str, vm: str, src: str, dst: str, **policy: object) -> Protectio
     return spec
 
 
+async def _paused_point_equals_source(xs: CrossSite, handle: WorkflowHandle[Any, Any],
+                                      dom: libvirt.virDomain, disk: Path) -> RecoveryPoint:
+    """With the guest paused, one more cycle: an incremental point equal to the source
+    disk byte for byte."""
+    dom.suspend()
+    try:
+        st = await sync_now(handle, timeout=120)
+        assert st.cycles_failed == 0, f"{st.last_error}\n{xs.log_tail()}"
+        point = xs.catalog().get_point(st.last_point_id or "")
+        assert point.kind.value == "incremental"
+        same, detail = images_identical(disk, point_path(point))
+        assert same, detail
+        return point
+    finally:
+        dom.resume()
+
+
 @pytest.mark.guest
 @pytest.mark.timeout(300)
 def test_push_cycle_across_sites_verifies(xsite: CrossSite, guest_image: GuestImage,
@@ -664,16 +713,7 @@ async def _push_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
         check_contiguous(read_records(point_path(first)))  # a consistent prefix of the records
 
         # Paused guest: the next (incremental) point equals the source byte for byte.
-        dom.suspend()
-        try:
-            st = await sync_now(handle, timeout=120)
-            assert st.cycles_failed == 0, f"{st.last_error}\n{xs.log_tail()}"
-            second = cat.get_point(st.last_point_id or "")
-            assert second.kind.value == "incremental"
-            same, detail = images_identical(disk, point_path(second))
-            assert same, detail
-        finally:
-            dom.resume()
+        await _paused_point_equals_source(xs, handle, dom, disk)
         await handle.execute_update("remove", result_type=ReplicationStatus)
 
 
@@ -711,16 +751,7 @@ async def _pull_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
 
         # Incremental through the front (the change set came through the catalog):
         # with the guest paused, the point equals the source byte for byte.
-        dom.suspend()
-        try:
-            st = await sync_now(handle, timeout=120)
-            assert st.cycles_failed == 0, f"{st.last_error}\n{xs.log_tail()}"
-            second = cat.get_point(st.last_point_id or "")
-            assert second.kind.value == "incremental"
-            same, detail = images_identical(disk, point_path(second))
-            assert same, detail
-        finally:
-            dom.resume()
+        second = await _paused_point_equals_source(xs, handle, dom, disk)
 
         # Site b presents a client certificate of another CA: site a's front refuses
         # it, the cycle fails at once naming TLS and site b's bundle, and nothing of it
@@ -974,3 +1005,77 @@ async def _stalled_server(xs: CrossSite, image: GuestImage, tmp_path: Path) -> N
         assert stalls, attempts
         assert big.result.bytes_resent <= _window(), big
         await handle.execute_update("remove", result_type=ReplicationStatus)
+
+
+# =========================================================================== failback between sites
+
+
+def _domain_exists(name: str) -> bool:
+    conn = libvirt.open("qemu:///system")
+    try:
+        return name in {d.name() for d in conn.listAllDomains(0)}
+    finally:
+        conn.close()
+
+
+@pytest.mark.guest
+@pytest.mark.timeout(900)
+def test_migration_and_failback_between_sites(xsite: CrossSite, guest_image: GuestImage,
+                                              tmp_path: Path) -> None:
+    vm = f"transcend-xs-f-{os.getpid()}"
+    try:
+        asyncio.run(_failback_between_sites(xsite, guest_image, tmp_path, vm))
+    finally:
+        remove_domain(f"{vm}-dr")
+
+
+async def _failback_between_sites(xs: CrossSite, image: GuestImage, tmp_path: Path,
+                                  vm: str) -> None:
+    """Migrate a guest from site a to site b, let it write there, fail back: no worker
+    reaches both libvirt hosts' disks, so each pass is served at b (TLS fronts of the
+    failed-over VM's backup), copied at a, and released at b; the verify hashes each
+    side at its own site; the failed-over VM is removed at b."""
+    p, name = "xs-fb", f"{vm}-dr"
+    cat = xs.catalog()
+    src, dst = xs.add_platforms(cat)
+    client = await xs.client()
+    with traversable(tmp_path), booted_guest(image, tmp_path, vm) as (dom, disk):
+        replication = await start_protection(client, _spec(p, vm, src, dst))
+        st = await wait_first_point(replication, timeout=180)
+        assert st.cycles_failed == 0, f"{st.last_error}\n{xs.log_tail()}"
+        mig = await client.start_workflow(
+            api.MIGRATION_WORKFLOW,
+            api.FailoverInput(protection=p, name=name,
+                              health=HealthCheck(kind="console", pattern=XS_BOOTED,
+                                                 timeout_seconds=240)),
+            id=api.failover_id(p), task_queue=CONTROL_TASK_QUEUE, result_type=api.FailoverStatus)
+        done = await asyncio.wait_for(mig.result(), 600)
+        assert done.phase == "done" and done.instance is not None, done
+        assert not dom.isActive()
+        last_source = check_contiguous(read_records(disk))
+        m = wait_for_console(done.instance.console_log, XS_BOOTED, 10)
+        assert int(m.group(1)) == last_source, (m.group(0), last_source)
+        assert Path(done.instance.overlays[0]).is_relative_to(xs.root / "replicas-b")
+
+        await asyncio.sleep(10)  # production at site b writes records
+        rx0, _ = xs.link_bytes("a")
+        fb = await client.execute_workflow(
+            api.FAILBACK_WORKFLOW,
+            api.FailbackInput(protection=p, start_original=False, keep_failed_over=False),
+            id=api.failback_id(p), task_queue=CONTROL_TASK_QUEUE, result_type=api.FailbackStatus,
+            execution_timeout=timedelta(minutes=10))
+        rx1, _ = xs.link_bytes("a")
+        # phase done includes the verify: the sha256 of every disk, each taken at its
+        # own site, were equal
+        assert fb.phase == "done", fb
+        assert fb.passes and all(x.mode == "tracked" for x in fb.passes), fb.passes
+        assert fb.passes[0].original_bytes == 0  # a migration leaves the source clean
+        written = sum(x.bytes_written for x in fb.passes)
+        assert written > 0 and rx1 - rx0 >= written, (rx1 - rx0, written)
+        # the records the guest wrote at site b are on the original disk now
+        assert check_contiguous(read_records(disk)) > last_source
+        # the failed-over VM was removed at site b, the original is production again
+        assert not _domain_exists(name)
+        assert cat.get_protection(p).state == ProtectionState.PROTECTING
+        assert not list((xs.homes["b"] / "pull").glob("*.pid")), "a front was left at site b"
+        await replication.execute_update("remove", result_type=ReplicationStatus)

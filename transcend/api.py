@@ -710,6 +710,44 @@ class FailbackSyncInput(Model):
     final: bool = False
 
 
+class FailbackServed(Model):
+    """A failback pass between sites: the failed-over VM frozen at the target site, its
+    disks served over TLS (``frozen.remote``), its extents staged in the catalog under
+    ``failback-<pass_id>``."""
+
+    protection: str
+    vm: str
+    final: bool = False
+    pass_id: str
+    frozen: FrozenHandle
+
+
+class FailbackReleaseInput(Model):
+    served: FailbackServed
+    committed: bool
+
+
+class FailbackHashes(Model):
+    """sha256 of each VM's disks on one side, in domain order."""
+
+    side: Literal["original", "failed-over"]
+    disks: dict[str, list[tuple[str, str]]] = Field(
+        default_factory=dict, description="VM name -> [(disk, sha256)]")
+
+    def differences(self, failed_over: FailbackHashes) -> list[str]:
+        """What differs from the failed-over side (disks paired in domain order)."""
+        diffs = []
+        for vm, disks in self.disks.items():
+            other = failed_over.disks.get(vm, [])
+            if len(other) != len(disks):
+                diffs.append(f"{vm}: {len(disks)} disks on the original, {len(other)} failed over")
+                continue
+            for (disk, hx), (_, hy) in zip(disks, other, strict=True):
+                if hx != hy:
+                    diffs.append(f"{vm} {disk}: original {hx[:16]} != failed-over {hy[:16]}")
+        return diffs
+
+
 class FailbackFinishInput(Model):
     protection: str
     start_original: bool = True

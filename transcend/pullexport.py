@@ -45,15 +45,27 @@ def _front_dir(settings: Settings) -> Path:
     return d
 
 
+def _protection_key(protection: str) -> str:
+    return hashlib.sha256(protection.encode()).hexdigest()[:8]
+
+
+def _front_files(settings: Settings, handle: FrozenHandle, disk: DiskId) -> tuple[Path, Path]:
+    """Pid and log file of a front: ``pf-<protection key>-<cycle+disk key>``, so the
+    fronts a failed cycle of the protection left behind can be found."""
+    key = hashlib.sha256(f"{handle.protection}\0{handle.cycle_id}\0{disk}".encode()).hexdigest()
+    stem = f"pf-{_protection_key(handle.protection)}-{key[:16]}"
+    d = _front_dir(settings)
+    return d / f"{stem}.pid", d / f"{stem}.log"
+
+
 def _front(settings: Settings, handle: FrozenHandle, disk: DiskId, image_uri: str,
            remote: RemoteExport | None) -> NbdExport:
-    key = hashlib.sha256(f"{handle.protection}\0{handle.cycle_id}\0{disk}".encode()).hexdigest()
-    d = _front_dir(settings)
+    pid_file, log_file = _front_files(settings, handle, disk)
     return NbdExport(
         image=image_uri,
         socket_path="",
-        pid_file=str(d / f"pf-{key[:16]}.pid"),
-        log_file=str(d / f"pf-{key[:16]}.log"),
+        pid_file=str(pid_file),
+        log_file=str(log_file),
         export_name=disk,
         readonly=True,
         # the image is an NBD connection, not a file: there is no page cache to bypass
@@ -69,6 +81,7 @@ def serve_frozen(settings: Settings, frozen: Frozen) -> dict[DiskId, NbdEndpoint
     (``nbds://address:port/disk``, without credentials) for ``FrozenHandle.remote``.
     Idempotent: a retried freeze keeps running fronts and their ports."""
     remote = remote_export(settings, transfer="pull")
+    _stop_leftovers(settings, frozen.handle)
     out: dict[DiskId, NbdEndpoint] = {}
     for disk in frozen.handle.disks:
         local = frozen.export(disk.id)
@@ -78,10 +91,44 @@ def serve_frozen(settings: Settings, frozen: Frozen) -> dict[DiskId, NbdEndpoint
     return out
 
 
+def _stop_leftovers(settings: Settings, handle: FrozenHandle) -> None:
+    """Stop the fronts of the protection's earlier cycles: one that failed before its
+    release (a freeze that never returned) left them serving a dead backup export.
+    A protection runs one cycle at a time, so every other cycle's front is stale."""
+    mine = {str(_front_files(settings, handle, d.id)[0]) for d in handle.disks}
+    for pid_file in _front_dir(settings).glob(f"pf-{_protection_key(handle.protection)}-*.pid"):
+        if str(pid_file) not in mine:
+            NbdExport(image="", socket_path="", pid_file=str(pid_file),
+                      log_file=str(pid_file.with_suffix(".log")), export_name="",
+                      readonly=True, tcp=TcpListen("", 0, "")).stop(kill=True, timeout=10.0)
+            pid_file.unlink(missing_ok=True)
+
+
 def stop_frozen(settings: Settings, handle: FrozenHandle) -> None:
     """Stop the fronts of ``handle`` (idempotent; nothing is written through them)."""
     for disk in handle.remote:
         _front(settings, handle, disk, "", None).stop(kill=True, timeout=10.0)
+
+
+_RAW = struct.Struct("<QQI")
+_RAW_MAGIC = b"TREXT1\n"
+
+
+def pack_extents(extents: list[tuple[int, int, int]]) -> bytes:
+    """Block-status extents ``(offset, length, flags)`` as bytes for the catalog."""
+    return _RAW_MAGIC + zlib.compress(b"".join(_RAW.pack(*e) for e in extents), 6)
+
+
+def unpack_extents(data: bytes) -> list[tuple[int, int, int]]:
+    if not data.startswith(_RAW_MAGIC):
+        raise ValueError("not packed extents")
+    try:
+        raw = zlib.decompress(data[len(_RAW_MAGIC):])
+    except zlib.error as e:
+        raise ValueError(f"packed extents are damaged: {e}") from e
+    if len(raw) % _RAW.size:
+        raise ValueError("packed extents are truncated")
+    return [(o, n, f) for o, n, f in _RAW.iter_unpack(raw)]
 
 
 def pack_changes(changes: ChangeSet) -> bytes:
@@ -108,4 +155,5 @@ def unpack_changes(data: bytes) -> ChangeSet:
     return ChangeSet(summary=summary, extents=extents)
 
 
-__all__ = ["pack_changes", "serve_frozen", "stop_frozen", "unpack_changes"]
+__all__ = ["pack_changes", "pack_extents", "serve_frozen", "stop_frozen", "unpack_changes",
+           "unpack_extents"]

@@ -46,10 +46,14 @@ with workflow.unsafe.imports_passed_through():
         BootTier,
         CycleInput,
         CycleOutcome,
+        DestroyInput,
         DrStateSignal,
         FailbackFinishInput,
+        FailbackHashes,
         FailbackInput,
         FailbackPass,
+        FailbackReleaseInput,
+        FailbackServed,
         FailbackStatus,
         FailbackSyncInput,
         FailbackVerify,
@@ -419,6 +423,8 @@ class FailbackWorkflow:
         self._status = FailbackStatus(protection="")
         self._migrate = False
         self._alerts = AlertQueue()
+        self._target_q = ""
+        self._between_sites = False
 
     @workflow.query(name="progress")
     def progress(self) -> FailbackStatus:
@@ -459,6 +465,10 @@ class FailbackWorkflow:
             **SHORT)
         source_q = site_task_queue(view.source.site)
         target_q = site_task_queue(view.target.site)
+        # Original and failed-over VM on different sites: no worker reaches both, so a
+        # pass, the verify and the finish are split by site (activities/failback_sites.py).
+        self._target_q = target_q
+        self._between_sites = view.source.site != view.target.site
         stopped: list[str] = []  # failed-over VMs this failback shut down (platform ids)
         try:
             st.phase = "syncing"
@@ -484,9 +494,7 @@ class FailbackWorkflow:
             await self._passes(record, True, source_q)
             if inp.verify:
                 st.phase = "verify"
-                v: FailbackVerify = await workflow.execute_activity(
-                    "failback.verify", p, result_type=FailbackVerify, task_queue=source_q,
-                    **STREAM)
+                v = await self._verify(p, source_q)
                 if not v.identical:
                     raise ApplicationError(
                         f"after the final pass the disks differ: {v.detail}",
@@ -506,10 +514,18 @@ class FailbackWorkflow:
                 type="FailbackFailed", non_retryable=True) from e
         # Past the final pass: only finishing remains, retried until it is done.
         st.phase = "restoring"
+        keep = inp.keep_failed_over
+        if self._between_sites and not keep:
+            # The failed-over VMs are removed at their own site first (idempotent).
+            for fv in reversed(record.vms):
+                await workflow.execute_activity(
+                    "instance.destroy", DestroyInput(point_id=record.point_id, instance=fv.instance),
+                    task_queue=target_q, **UNDO)
+            keep = True
         await workflow.execute_activity(
             "failback.finish",
             FailbackFinishInput(protection=p, start_original=inp.start_original,
-                                keep_failed_over=inp.keep_failed_over),
+                                keep_failed_over=keep),
             task_queue=source_q, **UNDO)
         await _tell_replication(p, S.PROTECTING, "failed back; replication resumed")
         st.phase = "done"
@@ -532,9 +548,48 @@ class FailbackWorkflow:
         for v in record.vms:
             await self._pass(record.protection, v.vm, final, queue)
 
+    async def _verify(self, p: str, source_q: str) -> FailbackVerify:
+        if not self._between_sites:
+            v: FailbackVerify = await workflow.execute_activity(
+                "failback.verify", p, result_type=FailbackVerify, task_queue=source_q, **STREAM)
+            return v
+        original, failed_over = await asyncio.gather(
+            workflow.execute_activity("failback.hashes", args=[p, "original"],
+                                      result_type=FailbackHashes, task_queue=source_q, **STREAM),
+            workflow.execute_activity("failback.hashes", args=[p, "failed-over"],
+                                      result_type=FailbackHashes, task_queue=self._target_q,
+                                      **STREAM))
+        diffs = original.differences(failed_over)
+        disks = sum(len(d) for d in original.disks.values())
+        return FailbackVerify(protection=p, identical=not diffs,
+                              detail="; ".join(diffs) or f"{disks} disk(s) identical")
+
     async def _pass(self, protection: str, vm: str, final: bool, queue: str) -> None:
-        result: FailbackPass = await workflow.execute_activity(
-            "failback.sync", FailbackSyncInput(protection=protection, vm=vm, final=final),
-            result_type=FailbackPass, task_queue=queue, **STREAM)
+        sync = FailbackSyncInput(protection=protection, vm=vm, final=final)
+        if self._between_sites:
+            result = await self._pass_between_sites(sync, queue)
+        else:
+            result = await workflow.execute_activity(
+                "failback.sync", sync, result_type=FailbackPass, task_queue=queue, **STREAM)
         self._status.passes.append(result)
         self._status.bytes_written += result.bytes_written + result.bytes_zeroed
+
+    async def _pass_between_sites(self, sync: FailbackSyncInput, source_q: str) -> FailbackPass:
+        """Serve the failed-over VM at the target site, copy at the source site, release
+        at the target site (keeping the new checkpoint only if the copy was recorded)."""
+        served: FailbackServed = await workflow.execute_activity(
+            "failback.serve", sync, result_type=FailbackServed, task_queue=self._target_q,
+            **SHORT)
+        try:
+            result: FailbackPass = await workflow.execute_activity(
+                "failback.pull", served, result_type=FailbackPass, task_queue=source_q,
+                **STREAM)
+        except ActivityError:
+            await workflow.execute_activity(
+                "failback.release", FailbackReleaseInput(served=served, committed=False),
+                task_queue=self._target_q, **UNDO)
+            raise
+        await workflow.execute_activity(
+            "failback.release", FailbackReleaseInput(served=served, committed=True),
+            task_queue=self._target_q, **UNDO)
+        return result

@@ -34,19 +34,18 @@ virtual, ~290 MiB of qcow2.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.harness import libguestfs
+from tests.harness.locks import file_lock
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("TRANSCEND_DEBIAN_CACHE", "/var/cache/transcend-test-debian"))
 
@@ -136,14 +135,6 @@ def _run(argv: Sequence[str | os.PathLike[str]], *, env: dict[str, str] | None =
     return proc.stdout
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def recipe_key() -> str:
@@ -267,7 +258,7 @@ def build_debian_guest(cache_dir: Path | None = None) -> DebianImage:
     started = time.monotonic()
     key = recipe_key()
     final = cache / f"debian-{key}"
-    with _locked(cache / ".lock"):
+    with file_lock(cache / ".lock"):
         if not (final / "manifest.json").exists():
             work = cache / f".build-{key}"
             _remove_tree(work)

@@ -33,9 +33,7 @@ Public API::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import io
@@ -48,8 +46,10 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+
+from tests.harness.locks import file_lock
 
 __all__ = [
     "BOOT_MARKER",
@@ -468,15 +468,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _kernel_package() -> str:
@@ -829,7 +820,7 @@ def build_guest(cache_dir: Path | str | None = None, *, force: bool = False) -> 
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with _locked(cache / ".lock"):
+    with file_lock(cache / ".lock"):
         kernel_pkg = _kernel_package()
         debs = _fetch_debs(cache / "debs", [kernel_pkg, *HELPER_PACKAGES])
         key_src = hashlib.sha256()

@@ -39,7 +39,6 @@ previous point plus this cycle's writes); retention deletes the file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -52,6 +51,7 @@ from typing import Any
 
 from connectors.base import ChangeExtent, ChangeSet, ConnectorError, NotFound, PermanentError
 from connectors.registry import register
+from tests.harness.locks import file_lock
 from transcend.models import (
     BootSpec,
     ChangeKind,
@@ -170,15 +170,6 @@ def sparse_copy(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _socket(config: dict[str, Any], role: str) -> str:
@@ -213,7 +204,7 @@ class SyntheticSource:
             raise NotFound(f"synthetic VM {vm!r}: not a valid name (a-z 0-9 . _ -)")
         path = self._disk_path(vm)
         if not path.exists():
-            with _locked(self.live / f"{vm}.lock"):
+            with file_lock(self.live / f"{vm}.lock"):
                 if not path.exists():
                     tmp = path.with_name(path.name + ".tmp")
                     with tmp.open("wb") as f:
@@ -249,7 +240,7 @@ class SyntheticSource:
         if meta.exists():  # a retried freeze of the same cycle: the same instant
             return SyntheticFrozen(self, FrozenHandle.model_validate_json(meta.read_text()))
         state_file = self.live / f"{vm}.state"
-        with _locked(self.live / f"{vm}.lock"):
+        with file_lock(self.live / f"{vm}.lock"):
             state: dict[str, Any] = (json.loads(state_file.read_text()) if state_file.exists()
                                      else {"gen": 0, "cycle": ""})
             gen = int(state["gen"]) if state["cycle"] == cycle_id else int(state["gen"]) + 1
