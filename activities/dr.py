@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from temporalio import activity
 from temporalio.client import ScheduleActionExecutionStartWorkflow, WorkflowHandle
@@ -296,24 +297,8 @@ class DrActivities:
         live: list[blockstream.Stream] = []
         info = activity.info()
         pass_id = f"{(info.workflow_run_id or 'local').replace('-', '')[-8:]}-{info.activity_id}"
-        task = asyncio.ensure_future(asyncio.to_thread(self._sync, inp, pass_id, live))
-        started = time.monotonic()
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
-                if live:
-                    p = live[-1].progress()
-                    activity.heartbeat({"bytes_read": p.bytes_read, "bytes_written": p.bytes_written,
-                                        "bytes_total": p.bytes_total, "rate": p.rate,
-                                        "seconds": time.monotonic() - started})
-                else:
-                    activity.heartbeat()
-            return task.result()
-        except asyncio.CancelledError:
-            for s in live:
-                s.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise
+            return await copy_with_progress(lambda: self._sync(inp, pass_id, live), live)
         except blockstream.BlockstreamError as e:
             raise ApplicationError(f"failback copy failed: {e}", type="StreamError") from e
 
@@ -448,7 +433,31 @@ class DrActivities:
         await in_thread(run)
 
 
+T = TypeVar("T")
 Extents = list[tuple[int, int, int]]
+
+
+async def copy_with_progress(fn: Callable[[], T], live: list[blockstream.Stream]) -> T:
+    """Run ``fn`` (which appends the streams it runs to ``live``) in a thread,
+    heartbeating the newest stream's progress; a cancelled activity cancels them."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    started = time.monotonic()
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
+            if live:
+                p = live[-1].progress()
+                activity.heartbeat({"bytes_read": p.bytes_read, "bytes_written": p.bytes_written,
+                                    "bytes_total": p.bytes_total, "rate": p.rate,
+                                    "seconds": time.monotonic() - started})
+            else:
+                activity.heartbeat()
+        return task.result()
+    except asyncio.CancelledError:
+        for s in live:
+            s.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
 
 
 def original_for_pass(original: KvmSource, fovm: FailedOverVm, disks: int) -> Workload:

@@ -21,7 +21,6 @@ step the workflow compares.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from temporalio import activity
@@ -33,6 +32,7 @@ from activities.dr import (
     DrActivities,
     _failed_over_vm,
     _kvm,
+    copy_with_progress,
     failed_over_extents,
     original_for_pass,
     record_of,
@@ -51,8 +51,6 @@ from transcend.api import (
     FailbackSyncInput,
 )
 from transcend.models import Checkpoint, FreezeOptions
-
-HEARTBEAT_EVERY = 2.0
 
 
 def _staged(pass_id: str) -> str:
@@ -107,24 +105,8 @@ class FailbackSiteActivities:
     @activity.defn(name="failback.pull")
     async def pull(self, served: FailbackServed) -> FailbackPass:
         live: list[blockstream.Stream] = []
-        task = asyncio.ensure_future(asyncio.to_thread(self._pull, served, live))
-        started = time.monotonic()
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
-                if live:
-                    p = live[-1].progress()
-                    activity.heartbeat({"bytes_read": p.bytes_read, "bytes_written": p.bytes_written,
-                                        "bytes_total": p.bytes_total, "rate": p.rate,
-                                        "seconds": time.monotonic() - started})
-                else:
-                    activity.heartbeat()
-            return task.result()
-        except asyncio.CancelledError:
-            for s in live:
-                s.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise
+            return await copy_with_progress(lambda: self._pull(served, live), live)
         except blockstream.BlockstreamError as e:
             uri = next(iter(served.frozen.remote.values()), None)
             refused = nbdtls.tls_refusal(uri.uri if uri else "", e.nbd_error or str(e),

@@ -119,13 +119,17 @@ def pack_extents(extents: list[tuple[int, int, int]]) -> bytes:
     return _RAW_MAGIC + zlib.compress(b"".join(_RAW.pack(*e) for e in extents), 6)
 
 
-def unpack_extents(data: bytes) -> list[tuple[int, int, int]]:
-    if not data.startswith(_RAW_MAGIC):
-        raise ValueError("not packed extents")
+def _unzip(data: bytes, magic: bytes, what: str) -> bytes:
+    if not data.startswith(magic):
+        raise ValueError(f"not {what}")
     try:
-        raw = zlib.decompress(data[len(_RAW_MAGIC):])
+        return zlib.decompress(data[len(magic):])
     except zlib.error as e:
-        raise ValueError(f"packed extents are damaged: {e}") from e
+        raise ValueError(f"{what} damaged: {e}") from e
+
+
+def unpack_extents(data: bytes) -> list[tuple[int, int, int]]:
+    raw = _unzip(data, _RAW_MAGIC, "packed extents")
     if len(raw) % _RAW.size:
         raise ValueError("packed extents are truncated")
     return [(o, n, f) for o, n, f in _RAW.iter_unpack(raw)]
@@ -140,12 +144,7 @@ def pack_changes(changes: ChangeSet) -> bytes:
 
 
 def unpack_changes(data: bytes) -> ChangeSet:
-    if not data.startswith(_MAGIC):
-        raise ValueError("not a packed change set")
-    try:
-        raw = zlib.decompress(data[len(_MAGIC):])
-    except zlib.error as e:
-        raise ValueError(f"packed change set is damaged: {e}") from e
+    raw = _unzip(data, _MAGIC, "a packed change set")
     head, _, body = raw.partition(b"\n")
     if len(body) % _EXTENT.size:
         raise ValueError("packed change set is truncated")
