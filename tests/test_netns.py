@@ -1,7 +1,10 @@
 """The two-site network-namespace harness (tests/harness/netns.py) with real traffic.
 
-Skips with the harness's reason where namespaces cannot be made, and the
-delay test skips where the kernel has no netem qdisc.
+Every test of the harness's API runs on both kinds of site link: the veth pair
+(shaped with netem, or tbf + nftables where the kernel has no netem) and the
+TUN delay line (tests/harness/delayline.c), which gives delay on kernels
+without sch_netem.  Skips with the harness's reason where namespaces cannot be
+made; the veth delay test skips where the kernel has no netem qdisc.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ PORT = 7000  # inside the namespaces: private, cannot collide with the host
 
 # one server for all tests, in site b: first byte of a connection picks the mode
 #   e = echo until EOF;  s = sink until EOF, then reply with the byte count
+#   h = hash until EOF, then reply with the SHA-256 (hex) of what arrived
 SERVER = r"""
-import socket, sys, threading
+import hashlib, socket, sys, threading
 def serve(c):
     with c:
         mode = c.recv(1)
@@ -39,6 +43,11 @@ def serve(c):
             while d := c.recv(1 << 20):
                 n += len(d)
             c.sendall(str(n).encode())
+        elif mode == b"h":
+            h = hashlib.sha256()
+            while d := c.recv(1 << 20):
+                h.update(d)
+            c.sendall(h.hexdigest().encode())
 s = socket.create_server((sys.argv[1], int(sys.argv[2])), backlog=64)
 print("ready", flush=True)
 while True:
@@ -48,7 +57,7 @@ while True:
 
 # client, run in site a; prints one JSON line
 CLIENT = r"""
-import json, socket, statistics, sys, time
+import hashlib, json, os, socket, statistics, sys, time
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 arg = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 if mode == "connect":           # arg = timeout in ms
@@ -98,14 +107,27 @@ elif mode == "send":            # arg = bytes to send
         got = int(c.recv(100))
         s = time.monotonic() - t
     print(json.dumps({"bytes": got, "s": s, "mbit": got * 8 / s / 1e6}))
+elif mode == "hash":            # arg = bytes of random data to send; both sides hash
+    h = hashlib.sha256()
+    with socket.create_connection((host, port), timeout=60) as c:
+        c.sendall(b"h")
+        left = arg
+        while left:
+            d = os.urandom(min(left, 1 << 20))
+            h.update(d)
+            c.sendall(d)
+            left -= len(d)
+        c.shutdown(socket.SHUT_WR)
+        got = c.recv(100).decode()
+    print(json.dumps({"sent": h.hexdigest(), "received": got}))
 """
 
 
-@pytest.fixture
-def sites() -> Iterator[TwoSites]:
+@pytest.fixture(params=["veth", "tun"])
+def sites(request: pytest.FixtureRequest) -> Iterator[TwoSites]:
     with contextlib.ExitStack() as stack:
         try:
-            s = stack.enter_context(two_sites("tns"))
+            s = stack.enter_context(two_sites("tns", link=request.param))
         except NamespacesUnavailable as e:
             pytest.skip(f"network namespaces unavailable: {e}")
         yield s
@@ -138,7 +160,7 @@ def test_tcp_between_sites(sites: TwoSites, server_b: subprocess.Popen[str]) -> 
     r = client(sites, "a", "send", 50 << 20)
     print(f"raw site-to-site TCP: {r['mbit']:.0f} Mbit/s ({r['bytes']} bytes in {r['s']:.2f} s)")
     assert r["bytes"] == 50 << 20
-    assert r["mbit"] > 50  # a veth: far above any WAN rate the tests shape to
+    assert r["mbit"] > 50  # veth or delay line: far above any WAN rate the tests shape to
 
 
 def test_sites_only_connected_by_the_site_link(sites: TwoSites) -> None:
@@ -180,17 +202,41 @@ def test_host_service_reachable_from_both_sites(sites: TwoSites, how: str) -> No
         lsock.close()
 
 
-def test_netem_delay_raises_rtt(sites: TwoSites, server_b: subprocess.Popen[str]) -> None:
+def test_delay_raises_rtt(sites: TwoSites, server_b: subprocess.Popen[str]) -> None:
+    """Delay on a's egress adds to the RTT; on b's egress too; clearing removes it."""
     base = client(sites, "a", "rtt", 20)["median_ms"]
     try:
-        sites.netem("a", delay_ms=50)
+        how = sites.netem("a", delay_ms=50)
     except NetemUnavailable as e:
+        assert sites.link == "veth"  # the delay line needs no kernel support
         pytest.skip(str(e))
     delayed = client(sites, "a", "rtt", 10)["median_ms"]
-    print(f"RTT {base:.2f} ms -> {delayed:.2f} ms with 50 ms netem delay")
-    assert delayed - base >= 40
+    sites.netem("b", delay_ms=30)
+    both = client(sites, "a", "rtt", 10)["median_ms"]
+    print(f"{how}: RTT {base:.2f} ms -> {delayed:.2f} ms (a->b +50 ms) -> {both:.2f} ms (b->a +30 ms)")
+    assert delayed - base >= 49  # a delay can come late, never early
+    assert both - base >= 79
     sites.clear()
     assert client(sites, "a", "rtt", 10)["median_ms"] < base + 20
+
+
+def test_delayed_lossy_shaped_transfer_arrives_intact(
+    sites: TwoSites, server_b: subprocess.Popen[str]
+) -> None:
+    """Delay + 1 % loss + a rate limit on both directions at once: TCP gets
+    every byte through, in order (SHA-256 of 16 MiB of random data each side)."""
+    try:
+        how = sites.netem("a", delay_ms=10, loss_pct=1, rate_mbit=200)
+        sites.netem("b", delay_ms=10, rate_mbit=200)
+    except NetemUnavailable as e:
+        assert sites.link == "veth"
+        pytest.skip(str(e))
+    r = client(sites, "a", "hash", 16 << 20, timeout=120)
+    print(f"{how}: {r}")
+    assert r["sent"] == r["received"]
+    if sites.delayline is not None:
+        st = sites.delayline.stats()
+        assert st["a"]["bytes"] >= 16 << 20 and st["a"]["dropped"] == 0, st
 
 
 def _ping_loss(sites: TwoSites, count: int) -> float:
@@ -268,6 +314,20 @@ print("resumed" if c.recv(1) == b"2" else "bad", round(time.monotonic() - t, 2),
     assert line[0] == "resumed", line
     assert p.wait(timeout=10) == 0
     assert client(sites, "a", "connect", 2000)["ok"]
+
+
+def test_delay_line_link_goes_with_the_sites() -> None:
+    """The delay-line process and its TUN devices end with the context, also
+    on an exception."""
+    with pytest.raises(RuntimeError, match="boom"), two_sites("tnt", link="tun") as s:
+        assert s.delayline is not None
+        proc = s.delayline.proc
+        links = s.run("a", ["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+        assert s.site_dev["a"] in links
+        raise RuntimeError("boom")
+    assert proc.poll() is not None
+    assert s.ns["a"] not in _ip_out("netns", "list")
+    assert all(dev not in _ip_out("-o", "link") for dev in s.site_dev.values())
 
 
 def _dead_pid() -> int:

@@ -54,7 +54,7 @@ Commands used (iproute2)::
     ip -n A addr add 198.18.x.1/30 dev SA          ip -n A link set lo|SA|UA up
     ip addr add H/32 peer 198.18.x.5/32 dev HA      ip -n A addr add 198.18.x.5/32 peer H/32 dev UA
     tc -n A qdisc replace dev SA root netem delay 50ms loss 0.1% rate 100mbit
-    tc -n A qdisc replace dev SA root tbf rate 20mbit ...   (rate only, without sch_netem)
+    tc -n A qdisc replace dev SA root tbf rate 20mbit ...   (rate only, without sch_netem; tun link)
     tc -n A qdisc replace dev SA root pfifo limit 0          (link_down(mode="blackhole"))
     tc -n A qdisc del dev SA root                           (clear)
     ip -n A link set SA down / up                              (link_down() / link_up())
@@ -62,8 +62,20 @@ Commands used (iproute2)::
 Shaping acts on a site's *egress* on the site link: ``netem("a", delay_ms=50)``
 delays a->b packets only (the RTT grows by 50 ms); shape both sites for a
 symmetric WAN.  ``netem`` needs the kernel's sch_netem (``modprobe sch_netem``
-is tried); without it, a pure rate limit falls back to ``tbf`` and delay or
-loss raise :class:`NetemUnavailable` so tests can skip with that message.
+is tried); without it, a pure rate limit falls back to ``tbf``, loss to an
+nftables rule, and delay raises :class:`NetemUnavailable` -- on a veth link.
+
+``two_sites(prefix, link="tun")`` makes the site link a *delay line* instead of
+the veth pair: a TUN device in each namespace (same names and addresses), both
+owned by a small C process (delayline.c, compiled on first use into
+/var/cache/transcend-test-tools) that moves every packet from one to the other
+after that direction's delay.  It needs no kernel support beyond TUN, so delay
+works where sch_netem is missing; rate (tbf on the TUN device, before the
+delay), loss (nftables), ``link_down`` in both modes and ``qdisc`` behave as on
+a veth.  It carries several Gbit/s here, far above the rates the benchmark
+shapes to; ``delayline.stats()`` counts packets, bytes, queue drops per
+direction.  Packets keep their order; a direction queues at most 64 MiB.
+
 Everything fails with :class:`NamespacesUnavailable` (not root, no
 CAP_NET_ADMIN/CAP_SYS_ADMIN, no ``ip``) when the namespaces cannot be made.
 
@@ -76,9 +88,12 @@ veths and the namespaces are deleted and the relays closed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -86,9 +101,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "LinkKind",
     "NamespacesUnavailable",
     "NetemUnavailable",
     "Site",
@@ -98,6 +115,7 @@ __all__ = [
 
 Site = Literal["a", "b"]
 SITES: tuple[Site, Site] = ("a", "b")
+LinkKind = Literal["veth", "tun"]
 
 # RFC 2544 benchmarking range: 512 /24 blocks, one per harness instance.
 _POOL = ipaddress.IPv4Network("198.18.0.0/15")
@@ -105,6 +123,10 @@ _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,5}$")
 _ACTIVE: set[str] = set()
 _ACTIVE_LOCK = threading.Lock()
 _CMD_TIMEOUT = 20.0
+_DELAYLINE_SRC = Path(__file__).with_name("delayline.c")
+_TOOLS_CACHE = Path(os.environ.get("TRANSCEND_TEST_TOOLS", "/var/cache/transcend-test-tools"))
+_TUN_MTU = 1500
+_TUN_QUEUE_BYTES = 64 << 20  # per direction: > 1 Gbit/s x 0.5 s
 
 
 class NamespacesUnavailable(RuntimeError):
@@ -302,14 +324,99 @@ class _Relay:
             s.close()
 
 
+def _delayline_binary() -> Path:
+    """delayline.c compiled once per source version (cached by its hash)."""
+    src = _DELAYLINE_SRC.read_bytes()
+    out = _TOOLS_CACHE / f"delayline-{hashlib.sha256(src).hexdigest()[:12]}"
+    if out.exists():
+        return out
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise NetemUnavailable("a delay-line link needs a C compiler (apt-get install -y gcc)")
+    _TOOLS_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    cp = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(_DELAYLINE_SRC)],
+                        capture_output=True, text=True, check=False)
+    if cp.returncode != 0:
+        raise NetemUnavailable(f"cannot compile {_DELAYLINE_SRC.name}: {cp.stderr.strip()[-500:]}")
+    tmp.replace(out)  # atomic: a concurrent build of the same source is identical
+    return out
+
+
+class _DelayLine:
+    """The ``delayline`` process that is the site link when ``link="tun"``:
+    it owns both TUN devices and delays each direction (see delayline.c)."""
+
+    def __init__(self, ns: dict[Site, str], dev: dict[Site, str]) -> None:
+        argv = [str(_delayline_binary())]
+        for site in SITES:
+            argv += [f"/run/netns/{ns[site]}", dev[site]]
+        argv += [str(_TUN_MTU), str(_TUN_QUEUE_BYTES)]
+        self._lock = threading.Lock()
+        self.delay_ms: dict[Site, float] = {"a": 0.0, "b": 0.0}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        first = self._readline(10.0)
+        if first != "ready":
+            err = self.close()
+            raise NamespacesUnavailable(f"the delay-line link did not start ({first!r}): {err}")
+
+    def _readline(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().strip() if ready else ""
+
+    def _command(self, line: str) -> str:
+        with self._lock:
+            assert self.proc.stdin is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the delay-line process exited ({self.proc.returncode})")
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+            reply = self._readline(5.0)
+        if not reply or reply.startswith("error"):
+            raise RuntimeError(f"delayline {line!r}: {reply or 'no answer'}")
+        return reply
+
+    def set_delay(self, site: Site, ms: float) -> None:
+        self._command(f"delay {site} {ms:g}")
+        self.delay_ms[site] = ms
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per direction ("a" = a -> b): delay_ms, packets, bytes, queued,
+        dropped (queue full), write_errors (receiving device down)."""
+        stats: dict[str, dict[str, float]] = json.loads(self._command("stats"))
+        return stats
+
+    def close(self) -> str:
+        """Stop the process (its devices vanish with it); returns its stderr."""
+        with contextlib.suppress(OSError, ValueError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # EOF: it exits
+        try:
+            self.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=3)
+        err = self.proc.stderr.read() if self.proc.stderr is not None else ""
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+        return err.strip()
+
+
 class TwoSites:
     """Two namespaces ``a`` and ``b``; see the module docstring.  Made by
     :func:`two_sites`, which also tears it down."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, link: LinkKind = "veth") -> None:
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"prefix {prefix!r}: 1-6 characters, [a-z][a-z0-9]*")
+        if link not in ("veth", "tun"):
+            raise ValueError(f"link {link!r}: 'veth' or 'tun'")
         self.prefix = prefix
+        self.link: LinkKind = link
+        self.delayline: _DelayLine | None = None
         self.base = f"{prefix}{os.getpid()}"
         self.ns: dict[Site, str] = {s: f"{self.base}-{s}" for s in SITES}
         self.site_dev: dict[Site, str] = {s: f"{self.base}s{s}" for s in SITES}
@@ -385,6 +492,8 @@ class TwoSites:
             self.clear(site)
             return "none"
         self._drop(site, 0.0)
+        if self.delayline is not None:
+            return self._shape_delayline(site, delay_ms, loss_pct, rate_mbit)
         if self.netem_available():
             qdisc = ["netem", "limit", "100000"]
             if delay_ms:
@@ -396,24 +505,41 @@ class TwoSites:
         elif delay_ms:
             raise NetemUnavailable(
                 "the kernel has no netem qdisc (CONFIG_NET_SCH_NETEM off, `modprobe sch_netem` "
-                "failed): delay cannot be emulated here; rate limits fall back to tbf, loss "
-                "to an nftables rule"
+                "failed): delay cannot be emulated on a veth link here; make the sites with "
+                "two_sites(..., link=\"tun\") for a user-space delay line; rate limits fall back "
+                "to tbf, loss to an nftables rule"
             )
         elif rate_mbit is None:
             self._drop(site, loss_pct)
             return "nft"
         else:
-            assert rate_mbit is not None
-            rate_bytes = rate_mbit * 1e6 / 8
-            # burst >= one 64 KiB GSO segment (tbf splits larger ones); ~10 ms of data
-            burst = max(int(rate_bytes * 0.01), 65536)
-            qdisc = ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "100ms"]
+            qdisc = _tbf(rate_mbit)
             if loss_pct:
                 self._drop(site, loss_pct)
         self._shaping[site] = qdisc
         if not self._blackholed:
             self._tc(site, "qdisc", "replace", "dev", self.site_dev[site], "root", *qdisc)
         return qdisc[0] if not loss_pct or qdisc[0] == "netem" else f"nft+{qdisc[0]}"
+
+    def _shape_delayline(self, site: Site, delay_ms: float, loss_pct: float,
+                         rate_mbit: float | None) -> str:
+        """:meth:`netem` on a TUN link: the delay in the delay-line process,
+        the rate with tbf on the TUN device (before the delay, as netem's
+        order), loss with the nftables rule."""
+        assert self.delayline is not None
+        self.delayline.set_delay(site, delay_ms)
+        self._drop(site, loss_pct)
+        qdisc = None if rate_mbit is None else _tbf(rate_mbit)
+        self._shaping[site] = qdisc
+        if not self._blackholed:
+            if qdisc is None:
+                self._tc(site, "qdisc", "del", "dev", self.site_dev[site], "root", check=False)
+            else:
+                self._tc(site, "qdisc", "replace", "dev", self.site_dev[site], "root", *qdisc)
+        used = ["nft"] if loss_pct else []
+        used += ["delayline"] if delay_ms else []
+        used += ["tbf"] if qdisc else []
+        return "+".join(used)
 
     def _drop(self, site: Site, loss_pct: float) -> None:
         """Drop ``loss_pct`` % of the packets leaving on the site link, at random
@@ -439,12 +565,19 @@ class TwoSites:
         for s in SITES if site is None else (site,):
             self._shaping[s] = None
             self._drop(s, 0.0)
+            if self.delayline is not None:
+                self.delayline.set_delay(s, 0.0)
             if not self._blackholed:
                 self._tc(s, "qdisc", "del", "dev", self.site_dev[s], "root", check=False)
 
     def qdisc(self, site: Site) -> str:
-        """``tc qdisc show`` for the site's link end (for logs and asserts)."""
-        return self._tc(site, "qdisc", "show", "dev", self.site_dev[site]).stdout.strip()
+        """``tc qdisc show`` for the site's link end (for logs and asserts),
+        plus the delay line's delay on a TUN link."""
+        shown = self._tc(site, "qdisc", "show", "dev", self.site_dev[site]).stdout.strip()
+        if self.delayline is not None:
+            other = "b" if site == "a" else "a"
+            shown += f"\ndelayline {site}->{other} delay {self.delayline.delay_ms[site]:g}ms"
+        return shown
 
     # -- link -----------------------------------------------------------------
 
@@ -511,15 +644,20 @@ class TwoSites:
         self._uplink_addr = {"a": str(hosts[4]), "b": str(hosts[5])}
         self.host_address = str(hosts[8])
         a, b = self.ns["a"], self.ns["b"]
-        try:
-            _ip("link", "add", "name", self.site_dev["a"], "netns", a, "type", "veth",
-                "peer", "name", self.site_dev["b"], "netns", b)
-        except _CmdError as e:
-            raise NamespacesUnavailable(f"cannot create a veth pair between namespaces: {e}") from e
+        if self.link == "tun":
+            self.delayline = _DelayLine(self.ns, self.site_dev)
+        else:
+            try:
+                _ip("link", "add", "name", self.site_dev["a"], "netns", a, "type", "veth",
+                    "peer", "name", self.site_dev["b"], "netns", b)
+            except _CmdError as e:
+                raise NamespacesUnavailable(f"cannot create a veth pair between namespaces: {e}") from e
         for s in SITES:
             ns = self.ns[s]
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "addr", "add", f"{self._addr[s]}/30", "dev", self.site_dev[s])
+            if self.link == "tun":  # a deeper queue than TUN's 500 packets for a 1 Gbit/s link
+                _ip("-n", ns, "link", "set", self.site_dev[s], "mtu", str(_TUN_MTU), "txqueuelen", "10000")
             _ip("-n", ns, "link", "set", self.site_dev[s], "up")
             # uplink to the host: created directly with one end in the namespace
             _ip("link", "add", "name", self.host_dev[s], "type", "veth",
@@ -565,6 +703,9 @@ class TwoSites:
             r.close()
         self._relays.clear()
         self._stop_procs()
+        if self.delayline is not None:
+            self.delayline.close()
+            self.delayline = None
         for s in SITES:
             _ip("link", "del", self.host_dev[s], check=False)
             if self.ns[s] in self._created_ns:
@@ -572,6 +713,13 @@ class TwoSites:
         for ns in self._created_ns:
             _ip("netns", "del", ns, check=False)
         self._created_ns.clear()
+
+
+def _tbf(rate_mbit: float) -> list[str]:
+    rate_bytes = rate_mbit * 1e6 / 8
+    # burst >= one 64 KiB GSO segment (tbf splits larger ones); ~10 ms of data
+    burst = max(int(rate_bytes * 0.01), 65536)
+    return ["tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "100ms"]
 
 
 def _tc(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -583,11 +731,13 @@ def _tc(ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[
 
 
 @contextlib.contextmanager
-def two_sites(prefix: str = "tns") -> Iterator[TwoSites]:
+def two_sites(prefix: str = "tns", link: LinkKind = "veth") -> Iterator[TwoSites]:
     """Create the two-site topology (see the module docstring), yield it,
-    always tear it down.  Raises :class:`NamespacesUnavailable` when network
-    namespaces cannot be made here."""
-    sites = TwoSites(prefix)
+    always tear it down.  ``link="tun"`` makes the site link a delay line
+    (TUN devices joined in user space) so delay works without sch_netem.
+    Raises :class:`NamespacesUnavailable` when network namespaces cannot be
+    made here."""
+    sites = TwoSites(prefix, link)
     with _ACTIVE_LOCK:
         if sites.base in _ACTIVE:
             raise ValueError(f"two_sites({prefix!r}) is already active in this process")
