@@ -40,9 +40,19 @@ from transcend.api import (
     cycle_id_prefix,
     schedule_id,
 )
-from transcend.catalog import AlreadyExists, NotFoundError
+from transcend.catalog import AlreadyExists, NotFoundError, ProtectionRecord
 from transcend.models import Health, ProtectionSpec, ProtectionState, Workload, replica_disks
 
+
+def _name_taken(removed: ProtectionRecord) -> ApplicationError:
+    """A removed protection keeps its name with its points and history (``remove``
+    deletes no data), so a new protection cannot take the name over."""
+    return ApplicationError(
+        f"protection {removed.name!r} was removed on {removed.updated_at:%Y-%m-%d %H:%M} UTC and "
+        f"its recovery points are kept under that name on {removed.spec.target_platform!r}: "
+        "choose another name for the new protection",
+        type="ProtectionNameTaken", non_retryable=True,
+    )
 
 class ProtectionActivities:
     def __init__(self, ctx: ActivityContext) -> None:
@@ -60,10 +70,12 @@ class ProtectionActivities:
                 existing = None
                 with contextlib.suppress(NotFoundError):
                     existing = cat.get_protection(spec.name)
+                if existing is not None and existing.state == ProtectionState.REMOVED:
+                    raise _name_taken(existing)
                 if existing is not None and existing.spec != spec:
                     raise ApplicationError(
                         f"protection {spec.name!r} already exists with another spec; "
-                        "change its policy with `transcend policy` or remove it first",
+                        "change its policy with `transcend policy`, or choose another name",
                         type="AlreadyExists", non_retryable=True,
                     )
                 return RegisterPlan(
@@ -98,14 +110,20 @@ class ProtectionActivities:
         def run() -> ProtectionView:
             cat = self.ctx.catalog
             with permanent():
+                name = args.plan.spec.name
                 try:
                     cat.add_protection(args.plan.spec, args.workloads)
-                    cat.set_protection_state(
-                        args.plan.spec.name, ProtectionState.PROTECTING, health=Health.HEALTHY
-                    )
+                    cat.set_protection_state(name, ProtectionState.PROTECTING, health=Health.HEALTHY)
                 except AlreadyExists:
-                    pass
-                return self._view(args.plan.spec.name)
+                    # A retry of this activity finds its own row: carry on.  A removed
+                    # protection keeps its name, points and history; taking the name over
+                    # would start a protection whose every cycle is skipped as "removed".
+                    old = cat.get_protection(name)
+                    if old.state == ProtectionState.REMOVED:
+                        raise _name_taken(old) from None
+                    if old.state == ProtectionState.PREPARING:
+                        cat.set_protection_state(name, ProtectionState.PROTECTING, health=Health.HEALTHY)
+                return self._view(name)
 
         return await in_thread(run)
 

@@ -205,6 +205,14 @@ async def _full_then_incremental(guest_image: GuestImage, stack: Stack, tmp_path
     await asyncio.wait_for(handle.result(), 120)
     assert cat.get_protection("e2e").state == ProtectionState.REMOVED
     assert [p.id for p in cat.points("e2e")] == [p.id for p in remaining]
+    # The name stays with the removed protection's points: protecting again under it
+    # is refused at once, naming what to do, and changes nothing.
+    again = await start_protection(client, protection_spec("e2e", vm, src, dst))
+    with pytest.raises(WorkflowFailureError) as refused:
+        await asyncio.wait_for(again.result(), 120)
+    assert "choose another name" in failure_text(refused.value), failure_text(refused.value)
+    assert cat.get_protection("e2e").state == ProtectionState.REMOVED
+    assert [p.id for p in cat.points("e2e")] == [p.id for p in remaining]
 
 
 # --------------------------------------------------------------------------- crashes
