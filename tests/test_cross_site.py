@@ -618,7 +618,9 @@ def xsite(tmp_path_factory: pytest.TempPathFactory, guest_image: GuestImage) -> 
     root = tmp_path_factory.mktemp("xsite")
     with contextlib.ExitStack() as stack:
         try:
-            net = stack.enter_context(two_sites("xs"))
+            # the site link is the harness's delay line, so a WAN's delay can be
+            # added on any kernel (this one may lack sch_netem)
+            net = stack.enter_context(two_sites("xs", link="tun"))
         except NamespacesUnavailable as e:
             pytest.skip(f"network namespaces unavailable: {e}")
         # the qemu user must reach the source's backup socket under home-a
@@ -683,21 +685,40 @@ async def _paused_point_equals_source(xs: CrossSite, handle: WorkflowHandle[Any,
         dom.resume()
 
 
+@contextlib.contextmanager
+def _link(xs: CrossSite, kind: str) -> Iterator[None]:
+    """``lan``: the link as it is.  ``wan``: RTT +50 ms (25 ms each way),
+    200 Mbit/s each way, 0.1 % loss in the direction the data flows (a -> b)."""
+    if kind == "wan":
+        xs.net.netem("a", delay_ms=25, loss_pct=0.1, rate_mbit=200)
+        xs.net.netem("b", delay_ms=25, rate_mbit=200)
+    try:
+        yield
+        if kind == "wan":  # the data really went through the delayed, lossy link
+            assert xs.net.delayline is not None
+            st = xs.net.delayline.stats()
+            assert st["a"]["delay_ms"] == 25 and st["b"]["delay_ms"] == 25, st
+    finally:
+        xs.net.clear()
+
+
 @pytest.mark.guest
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("link", ["lan", "wan"])
 def test_push_cycle_across_sites_verifies(xsite: CrossSite, guest_image: GuestImage,
-                                          tmp_path: Path) -> None:
-    asyncio.run(_push_cycle(xsite, guest_image, tmp_path))
+                                          tmp_path: Path, link: str) -> None:
+    with _link(xsite, link):
+        asyncio.run(_push_cycle(xsite, guest_image, tmp_path, f"xs-push-{link}"))
 
 
-async def _push_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
+async def _push_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path, name: str) -> None:
     cat = xs.catalog()
     src, dst = xs.add_platforms(cat)
     client = await xs.client()
     vm = f"transcend-xs-a-{os.getpid()}"
     with traversable(tmp_path), booted_guest(image, tmp_path, vm) as (dom, disk):
         rx0, _ = xs.link_bytes("b")
-        handle = await start_protection(client, _spec("xs-push", vm, src, dst))  # auto: push
+        handle = await start_protection(client, _spec(name, vm, src, dst))  # auto: push
         st = await wait_first_point(handle, timeout=180)
         assert st.cycles_failed == 0, f"{st.last_error}\n{xs.log_tail()}"
         rx1, _ = xs.link_bytes("b")
@@ -718,10 +739,12 @@ async def _push_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
 
 
 @pytest.mark.guest
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(500)
+@pytest.mark.parametrize("link", ["lan", "wan"])
 def test_pull_cycle_across_sites_verifies(xsite: CrossSite, guest_image: GuestImage,
-                                          tmp_path: Path) -> None:
-    asyncio.run(_pull_cycle(xsite, guest_image, tmp_path))
+                                          tmp_path: Path, link: str) -> None:
+    with _link(xsite, link):
+        asyncio.run(_pull_cycle(xsite, guest_image, tmp_path, f"xs-pull-{link}"))
 
 
 def _pull_fronts(xs: CrossSite) -> list[Path]:
@@ -729,14 +752,14 @@ def _pull_fronts(xs: CrossSite) -> list[Path]:
     return sorted((xs.homes["a"] / "pull").glob("*.pid"))
 
 
-async def _pull_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path) -> None:
+async def _pull_cycle(xs: CrossSite, image: GuestImage, tmp_path: Path, name: str) -> None:
     cat = xs.catalog()
     src, dst = xs.add_platforms(cat)
     client = await xs.client()
     vm = f"transcend-xs-p-{os.getpid()}"
     with traversable(tmp_path), booted_guest(image, tmp_path, vm) as (dom, disk):
         _, tx0 = xs.link_bytes("a")
-        handle = await start_protection(client, _spec("xs-pull", vm, src, dst, transfer="pull"))
+        handle = await start_protection(client, _spec(name, vm, src, dst, transfer="pull"))
         st = await wait_first_point(handle, timeout=180)
         assert st.cycles_failed == 0, f"{st.last_error}\n{xs.log_tail()}"
         _, tx1 = xs.link_bytes("a")
