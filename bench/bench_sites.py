@@ -6,8 +6,8 @@
     .venv/bin/python bench/bench_sites.py --repeat 5 --rate-mbit 500 --out sites.json
 
 Two sites ``a`` and ``b`` are two network namespaces joined by a veth pair
-(tests/harness/netns.py, ``two_sites``); the link between them is left
-unshaped or shaped with tc.  A throw-away CA (transcend/pki.py) issues site
+or a TUN delay line (tests/harness/netns.py, ``two_sites``); the link between
+them is left unshaped or shaped.  A throw-away CA (transcend/pki.py) issues site
 ``a``'s and site ``b``'s bundles with their link addresses as IP SANs.
 
 * Site a (source): a raw image of random data (os.urandom, generated once,
@@ -39,9 +39,14 @@ links are: unshaped; rate-limited to ``--rate-mbit`` (default 1000, both
 directions; tbf when the kernel has no sch_netem); the same rate with 0.1 %
 loss on a -> b (netem, or an nftables rule dropping packets at random where
 the kernel has no netem); the same rate plus 25 ms one-way delay on each
-direction (RTT +50 ms); and that plus 0.1 % loss.  Delay needs the kernel's
-netem qdisc: without it the harness raises NetemUnavailable and those rows
-print "skipped: kernel lacks sch_netem".
+direction (RTT +50 ms); and that plus 0.1 % loss.  Delay uses the kernel's
+netem qdisc; where the kernel has none (``--link auto``, the default), the
+delay rows run on a second pair of sites whose link is the harness's TUN delay
+line (tests/harness/delayline.c: the same rate limit with tbf, loss with
+nftables, the delay added in user space), with their own raw TCP reference
+measured over that same link.  ``--link tun`` runs every row on the delay
+line, ``--link veth`` none (delay rows then print "skipped: kernel lacks
+sch_netem").
 On a rate-limited link N is cut to about ``--seconds-per-copy`` (10 s) worth of
 data at the configured rate, so the shaped rows do not take minutes each.
 
@@ -96,7 +101,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # tests/harness (like bench_blockstream.py)
 
-from harness.netns import NamespacesUnavailable, NetemUnavailable, Site, TwoSites, two_sites  # noqa: E402
+from harness.netns import (  # noqa: E402
+    LinkKind,
+    NamespacesUnavailable,
+    NetemUnavailable,
+    Site,
+    TwoSites,
+    two_sites,
+)
 
 import blockstream  # noqa: E402
 from transcend import pki  # noqa: E402
@@ -510,6 +522,7 @@ class Options:
     iperf_seconds: float
     seconds_per_copy: float
     links: list[Link]
+    sender_wmem_max: int | None = None
 
 
 def copy_length(opts: Options, link: Link) -> int:
@@ -664,10 +677,50 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     ap.add_argument("--iperf-seconds", type=float, default=5.0, help="length of an iperf3 run (default 5)")
     ap.add_argument("--seconds-per-copy", type=float, default=10.0,
                     help="on a rate-limited link, copy about this many seconds of data (default 10)")
+    ap.add_argument("--link", choices=("auto", "veth", "tun"), default="auto",
+                    help="site link: veth pair, TUN delay line, or auto (default): veth, and the "
+                         "delay line for the delay rows when the kernel has no netem")
+    ap.add_argument("--links", metavar="TEXT", default="",
+                    help="only the link rows whose name contains TEXT (e.g. 'RTT')")
+    ap.add_argument("--sender-wmem-max", type=int, metavar="BYTES",
+                    help="set net.ipv4.tcp_wmem's maximum in site a (the sender: iperf3's client and "
+                         "blockstream) to BYTES, e.g. 16777216; default: the namespace's own")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--tmpdir", default="/var/tmp", help="where the temporary directory goes")
     ap.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
     return ap.parse_args(argv), ap
+
+
+def run_links(kind: LinkKind, choice: str, links: list[Link], opts: Options, workdir: Path,
+              sockdir: Path, results: dict[str, dict[str, Any]],
+              refusals: dict[str, dict[str, dict[str, str]]]) -> list[Link]:
+    """Measure ``links`` on sites joined by a ``kind`` link (a fresh session:
+    its own namespaces, image, PKI, servers).  With ``--link auto`` a veth
+    leaves the delay rows to the TUN delay line when the kernel has no netem;
+    returns the links not measured here."""
+    workdir.mkdir()
+    sockdir.mkdir()
+    with two_sites("bsite" if kind == "veth" else "bsitd", link=kind) as s:
+        netem = s.netem_available()
+        here = [x for x in links if kind == "tun" or netem or not x.delay_ms or choice == "veth"]
+        if not here:
+            return links
+        how = ("delay line (TUN devices joined by tests/harness/delayline.c)" if kind == "tun"
+               else "netem available" if netem else "netem NOT available (tbf for rates, nftables for loss)")
+        print(f"{kind} link: a={s.address('a')} b={s.address('b')} (namespaces {s.ns['a']}, {s.ns['b']}); "
+              f"{how}", flush=True)
+        wmem = s.run("a", ["sysctl", "-n", "net.ipv4.tcp_wmem"], capture_output=True, text=True,
+                     check=True).stdout.split()
+        if opts.sender_wmem_max is not None:
+            wmem[2] = str(opts.sender_wmem_max)
+            s.run("a", ["sysctl", "-q", f"net.ipv4.tcp_wmem={' '.join(wmem)}"], check=True)
+        print(f"site a (sender) net.ipv4.tcp_wmem = {' '.join(wmem)}", flush=True)
+        ses = start_session(s, workdir, sockdir, opts.size, opts.sinks)
+        refusals[kind] = warm_up(ses, opts)
+        for link in here:
+            results[link.name] = {"link": kind, "sender_tcp_wmem": " ".join(wmem),
+                                  **measure_link(ses, opts, link)}
+    return [x for x in links if x not in here]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -686,23 +739,29 @@ def main(argv: list[str] | None = None) -> int:
         sinks=sinks,
         iperf_seconds=2.0 if args.quick else args.iperf_seconds,
         seconds_per_copy=2.0 if args.quick else args.seconds_per_copy,
-        links=make_links(args.rate_mbit),
+        links=[x for x in make_links(args.rate_mbit) if args.links in x.name],
+        sender_wmem_max=args.sender_wmem_max,
     )
+    if not opts.links:
+        ap.error(f"--links {args.links!r} matches no link row")
     t_start = time.perf_counter()
     load0 = os.getloadavg()
     results: dict[str, dict[str, Any]] = {}
-    refusals: dict[str, dict[str, str]] = {}
+    refusals: dict[str, dict[str, dict[str, str]]] = {}
     workdir = Path(tempfile.mkdtemp(prefix="sitesbench-", dir=args.tmpdir))
     sockdir = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))  # unix socket paths are short
     try:
-        with terminate_as_interrupt(), two_sites("bsite") as s:
-            netem = "available" if s.netem_available() else "NOT available (tbf for rates)"
-            print(f"sites: a={s.address('a')} b={s.address('b')} (namespaces {s.ns['a']}, {s.ns['b']}); "
-                  f"netem {netem}", flush=True)
-            ses = start_session(s, workdir, sockdir, opts.size, sinks)
-            refusals = warm_up(ses, opts)
-            for link in opts.links:
-                results[link.name] = measure_link(ses, opts, link)
+        with terminate_as_interrupt():
+            pending = list(opts.links)
+            for kind in ("veth", "tun"):
+                if args.link not in ("auto", kind) or not pending:
+                    continue
+                pending = run_links(kind, args.link, pending, opts, workdir / kind, sockdir / kind,
+                                    results, refusals)
+            for link in pending:  # delay on a veth without netem and --link veth
+                print(f"{link.name}: {NETEM_SKIP}", flush=True)
+                results[link.name] = {"skipped": NETEM_SKIP}
+            results = {link.name: results[link.name] for link in opts.links}
     except NamespacesUnavailable as e:
         print(f"cannot run: {e}", file=sys.stderr)
         return 2
