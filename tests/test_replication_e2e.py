@@ -438,6 +438,8 @@ async def _bad_input(stack: Stack, tmp_path: Path) -> None:
     r = _cli(stack, "protect", "p0", "--source", src, "--vm", "x", "--target", dst,
              "--retention", "sometimes")
     assert r.returncode == 2 and "retention" in r.stderr.lower(), r.stderr
+    r = _cli(stack, "protect", "p0", "--source", src, "--vm", "x", "--target", dst, "--connections", "0")
+    assert r.returncode == 2 and "connections" in r.stderr, r.stderr
     assert cat.list_protections() == []
 
     client = await stack.client()

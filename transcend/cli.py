@@ -240,12 +240,15 @@ def workloads(platform_name: str) -> None:
 @click.option("--transfer", type=click.Choice(["auto", "local", "push", "pull"]), default=None,
               help="how data crosses between sites: auto (local on one site, push across); "
                    "pull when only the source site can be dialled")
+@click.option("--connections", type=int, default=None,
+              help="NBD connections per disk stream (1-16, default 4; more for long fat links)")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the first point")
 @click.option("--timeout", default=3600, show_default=True)
 @run_async
 async def protect(name: str, source: str, vms: tuple[str, ...], target: str, rpo: str,
                   retention: str, continuous: bool, bandwidth: str | None, drill: str | None,
-                  priority: str | None, transfer: str | None, wait: bool, timeout: int) -> None:
+                  priority: str | None, transfer: str | None, connections: int | None, wait: bool,
+                  timeout: int) -> None:
     """Protect VMs: register, schedule cycles at the RPO and take the first point."""
     try:
         policy = ProtectionPolicy.model_validate({
@@ -255,6 +258,7 @@ async def protect(name: str, source: str, vms: tuple[str, ...], target: str, rpo
             "test_failover_every_seconds": parse_duration(drill) if drill else None,
             **({"priority": priority} if priority else {}),
             **({"transfer": transfer} if transfer else {}),
+            **({"connections": connections} if connections is not None else {}),
         })
         spec = ProtectionSpec(name=name, source_platform=source, workloads=list(vms),
                               target_platform=target, policy=policy)
@@ -475,6 +479,8 @@ async def resume(name: str) -> None:
 @click.option("--transfer", type=click.Choice(["auto", "local", "push", "pull"]), default=None,
               help="how data crosses between sites: auto (local on one site, push across); "
                    "pull when only the source site can be dialled")
+@click.option("--connections", type=int, default=None,
+              help="NBD connections per disk stream (1-16, default 4; more for long fat links)")
 @click.option("--reip", "reip", multiple=True, metavar="FROM_CIDR=TO_CIDR",
               help="runbook re-IP rule for failover and migration (repeat; 'none' clears)")
 @click.option("--test-reip", "test_reip", multiple=True, metavar="FROM_CIDR=TO_CIDR",
@@ -482,7 +488,7 @@ async def resume(name: str) -> None:
 @run_async
 async def policy(name: str, rpo: str | None, retention: str | None, continuous: bool | None,
                  drill: str | None, bandwidth: str | None, priority: str | None,
-                 transfer: str | None, reip: tuple[str, ...],
+                 transfer: str | None, connections: int | None, reip: tuple[str, ...],
                  test_reip: tuple[str, ...]) -> None:
     """Change a protection's policy (validated before anything changes)."""
     current = _catalog().get_protection(name).spec.policy
@@ -502,6 +508,8 @@ async def policy(name: str, rpo: str | None, retention: str | None, continuous: 
             data["priority"] = priority
         if transfer:
             data["transfer"] = transfer
+        if connections is not None:
+            data["connections"] = connections
         for key, rules in (("reip", reip), ("test_reip", test_reip)):
             if rules:
                 data[key] = [] if rules == ("none",) else parse_reip(rules)
