@@ -113,16 +113,17 @@ class ProtectionActivities:
                 name = args.plan.spec.name
                 try:
                     cat.add_protection(args.plan.spec, args.workloads)
-                    cat.set_protection_state(name, ProtectionState.PROTECTING, health=Health.HEALTHY)
                 except AlreadyExists:
-                    # A retry of this activity finds its own row: carry on.  A removed
+                    # A retry of this activity finds its own row: carry on (and finish
+                    # the state change if the first attempt stopped before it).  A removed
                     # protection keeps its name, points and history; taking the name over
                     # would start a protection whose every cycle is skipped as "removed".
                     old = cat.get_protection(name)
                     if old.state == ProtectionState.REMOVED:
                         raise _name_taken(old) from None
-                    if old.state == ProtectionState.PREPARING:
-                        cat.set_protection_state(name, ProtectionState.PROTECTING, health=Health.HEALTHY)
+                    if old.state != ProtectionState.PREPARING:
+                        return self._view(name)
+                cat.set_protection_state(name, ProtectionState.PROTECTING, health=Health.HEALTHY)
                 return self._view(name)
 
         return await in_thread(run)

@@ -353,7 +353,6 @@ class _DelayLine:
             argv += [f"/run/netns/{ns[site]}", dev[site]]
         argv += [str(_TUN_MTU), str(_TUN_QUEUE_BYTES)]
         self._lock = threading.Lock()
-        self.delay_ms: dict[Site, float] = {"a": 0.0, "b": 0.0}
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         first = self._readline(10.0)
@@ -380,7 +379,6 @@ class _DelayLine:
 
     def set_delay(self, site: Site, ms: float) -> None:
         self._command(f"delay {site} {ms:g}")
-        self.delay_ms[site] = ms
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per direction ("a" = a -> b): delay_ms, packets, bytes, queued,
@@ -517,8 +515,7 @@ class TwoSites:
             if loss_pct:
                 self._drop(site, loss_pct)
         self._shaping[site] = qdisc
-        if not self._blackholed:
-            self._tc(site, "qdisc", "replace", "dev", self.site_dev[site], "root", *qdisc)
+        self._apply_shaping(site)
         return qdisc[0] if not loss_pct or qdisc[0] == "netem" else f"nft+{qdisc[0]}"
 
     def _shape_delayline(self, site: Site, delay_ms: float, loss_pct: float,
@@ -531,15 +528,22 @@ class TwoSites:
         self._drop(site, loss_pct)
         qdisc = None if rate_mbit is None else _tbf(rate_mbit)
         self._shaping[site] = qdisc
-        if not self._blackholed:
-            if qdisc is None:
-                self._tc(site, "qdisc", "del", "dev", self.site_dev[site], "root", check=False)
-            else:
-                self._tc(site, "qdisc", "replace", "dev", self.site_dev[site], "root", *qdisc)
+        self._apply_shaping(site)
         used = ["nft"] if loss_pct else []
         used += ["delayline"] if delay_ms else []
         used += ["tbf"] if qdisc else []
         return "+".join(used)
+
+    def _apply_shaping(self, site: Site) -> None:
+        """Put ``site``'s shaping (or none) on its link end, unless the link is
+        black-holed: :meth:`link_up` applies it then."""
+        if self._blackholed:
+            return
+        shaping = self._shaping[site]
+        if shaping is None:
+            self._tc(site, "qdisc", "del", "dev", self.site_dev[site], "root", check=False)
+        else:
+            self._tc(site, "qdisc", "replace", "dev", self.site_dev[site], "root", *shaping)
 
     def _drop(self, site: Site, loss_pct: float) -> None:
         """Drop ``loss_pct`` % of the packets leaving on the site link, at random
@@ -567,8 +571,7 @@ class TwoSites:
             self._drop(s, 0.0)
             if self.delayline is not None:
                 self.delayline.set_delay(s, 0.0)
-            if not self._blackholed:
-                self._tc(s, "qdisc", "del", "dev", self.site_dev[s], "root", check=False)
+            self._apply_shaping(s)
 
     def qdisc(self, site: Site) -> str:
         """``tc qdisc show`` for the site's link end (for logs and asserts),
@@ -576,7 +579,7 @@ class TwoSites:
         shown = self._tc(site, "qdisc", "show", "dev", self.site_dev[site]).stdout.strip()
         if self.delayline is not None:
             other = "b" if site == "a" else "a"
-            shown += f"\ndelayline {site}->{other} delay {self.delayline.delay_ms[site]:g}ms"
+            shown += f"\ndelayline {site}->{other} delay {self.delayline.stats()[site]['delay_ms']:g}ms"
         return shown
 
     # -- link -----------------------------------------------------------------
@@ -605,11 +608,7 @@ class TwoSites:
         if self._blackholed:
             self._blackholed = False
             for s in SITES:
-                shaping = self._shaping[s]
-                if shaping is None:
-                    self._tc(s, "qdisc", "del", "dev", self.site_dev[s], "root", check=False)
-                else:
-                    self._tc(s, "qdisc", "replace", "dev", self.site_dev[s], "root", *shaping)
+                self._apply_shaping(s)
 
     # -- host services --------------------------------------------------------
 
