@@ -102,56 +102,15 @@ class Extent:
         return self.offset + self.length
 
 
-class BlockstreamError(Exception):
-    """A copy, hash or block-status operation failed.
-
-    Attributes: ``extent`` (offset, length) of the failing NBD command or None,
-    ``nbd_error`` (libnbd's text), ``errno``, ``endpoint`` ("source",
-    "destination" or None).
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        extent: tuple[int, int] | None = None,
-        nbd_error: str = "",
-        errno: int = 0,
-        endpoint: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.extent = extent
-        self.nbd_error = nbd_error
-        self.errno = errno
-        self.endpoint = endpoint
-
-    def __reduce__(self) -> Any:
-        return (
-            _rebuild_error,
-            (type(self), str(self), self.extent, self.nbd_error, self.errno, self.endpoint),
-        )
-
-
-def _rebuild_error(
-    cls: type[BlockstreamError],
-    message: str,
-    extent: tuple[int, int] | None,
-    nbd_error: str,
-    errno: int,
-    endpoint: str | None,
-) -> BlockstreamError:
-    return cls(message, extent=extent, nbd_error=nbd_error, errno=errno, endpoint=endpoint)
-
-
-class Cancelled(BlockstreamError):
-    """Stream.cancel() was called; progress() stays valid for a resume."""
+# BlockstreamError(message, *, extent=None, nbd_error="", errno=0, endpoint=None)
+# and its subclass Cancelled are created by the C module (module state), so the
+# engine raises them without any set-up from here.
+BlockstreamError = _c.BlockstreamError
+Cancelled = _c.Cancelled
 
 
 class ManifestError(ValueError):
     """A packed manifest is corrupt or does not match its header."""
-
-
-_c._set_error_classes(BlockstreamError, Cancelled)
 
 
 @dataclass
@@ -172,25 +131,25 @@ class Progress:
     # fails moves bytes_read - read_durable (bytes_written - written_durable) again
     read_durable: int = 0
     written_durable: int = 0
+    # connection pairs copying; extra pairs the servers refused or that did not
+    # complete their handshake within connect_timeout (the copy went on without
+    # them); whether every server advertised NBD_FLAG_CAN_MULTI_CONN (without it
+    # each flush round flushes every connection; see docs/blockstream.md)
+    connections: int = 0
+    connections_dropped: int = 0
+    multi_conn: bool = False
 
     @classmethod
     def _from_tuple(cls, t: tuple[Any, ...]) -> Progress:
         return cls(*t)
 
 
-def _extent_tuples(extents: Iterable[object]) -> list[tuple[int, int, bool]]:
+def _extent_tuples(extents: Iterable[object]) -> object:
+    """Extent objects as the (offset, length, zero) tuples the C engine takes;
+    anything else is passed on for the engine to check."""
     if isinstance(extents, (str, bytes)) or not isinstance(extents, Iterable):
-        raise TypeError("extents must be a sequence of Extent")
-    out: list[tuple[int, int, bool]] = []
-    for e in extents:
-        if isinstance(e, Extent):
-            out.append((e.offset, e.length, e.zero))
-        elif isinstance(e, tuple) and len(e) in (2, 3):
-            ext = Extent(*e)
-            out.append((ext.offset, ext.length, ext.zero))
-        else:
-            raise TypeError(f"extents must contain Extent objects, not {type(e).__name__}")
-    return out
+        return extents
+    return [(e.offset, e.length, e.zero) if isinstance(e, Extent) else e for e in extents]
 
 
 class Stream:
@@ -203,7 +162,14 @@ class Stream:
 
     ``durable_offset`` advances by flush rounds: one starts after
     ``flush_interval`` bytes were written, or (``flush_seconds`` > 0) after that
-    many seconds with anything written, whichever comes first.
+    many seconds with anything written, whichever comes first, or when
+    ``max_unflushed`` (data bytes taken beyond ``durable_offset``: what a failed
+    run sends again) is reached, which also holds new requests back.
+
+    ``connect_timeout``: seconds for connecting and the NBD handshake (the first
+    connection pair fails the stream; an extra pair is dropped).
+    ``request_timeout``: seconds without any reply on a connection that has
+    commands outstanding before the stream fails with the extent (0: no limit).
     """
 
     def __init__(
@@ -225,61 +191,16 @@ class Stream:
         start_offset: int = 0,
         flush_interval: int = 256 << 20,
         flush_seconds: float = 0.0,
+        connect_timeout: float = 30.0,
+        request_timeout: float = 60.0,
+        max_unflushed: int | None = None,
     ) -> None:
-        if not isinstance(source, str) or not source:
-            raise TypeError("source must be a non-empty NBD URI string")
-        if destination is not None and (not isinstance(destination, str) or not destination):
-            raise TypeError("destination must be a non-empty NBD URI string or None")
-        disk_size = _int("disk_size", disk_size)
-        block_size = _block_size(block_size)
-        hash = _hash_name(hash)
-        for name, flag in (("compare", compare), ("allow_trim", allow_trim)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool")
-        if manifest is not None:
-            if not isinstance(manifest, (bytearray, memoryview)) or (
-                isinstance(manifest, memoryview) and manifest.readonly
-            ):
-                raise TypeError("manifest must be a bytearray (updated in place) or None")
-            want = manifest_size(disk_size, block_size)
-            if len(manifest) * (manifest.itemsize if isinstance(manifest, memoryview) else 1) != want:
-                raise ValueError(
-                    f"manifest must be manifest_size({disk_size}, {block_size}) = {want} bytes,"
-                    f" got {len(manifest)}"
-                )
-            if hash == "none":
-                raise ValueError("hash='none' is only allowed without a manifest")
-        if compare and manifest is None:
-            raise ValueError("compare=True needs the destination's manifest")
-        _int("max_request", max_request, MIN_REQUEST, MAX_REQUEST)
-        _int("connections", connections, 1, MAX_CONNECTIONS)
-        _int("in_flight", in_flight, 1, MAX_IN_FLIGHT)
-        if connections * in_flight * max_request > MAX_BUFFER_BYTES:
-            raise ValueError(
-                f"connections * in_flight * max_request must not exceed {MAX_BUFFER_BYTES} bytes of buffers"
-            )
-        if rate_limit is not None:
-            _int("rate_limit", rate_limit, 1)
-        start_offset = _int("start_offset", start_offset, 0, disk_size)
-        if start_offset % block_size and start_offset != disk_size:
-            raise ValueError("start_offset must be a multiple of block_size")
-        _int("flush_interval", flush_interval, 1)
-        if not isinstance(flush_seconds, (int, float)) or not flush_seconds >= 0:
-            raise ValueError("flush_seconds must be a number >= 0")
-        tuples = _extent_tuples(extents)
-        for off, length, _ in tuples:
-            if off + length > disk_size:
-                raise ValueError(f"extent offset={off} length={length} ends beyond disk_size {disk_size}")
-
-        self.source = source
-        self.destination = destination
-        self.disk_size = disk_size
-        self.block_size = block_size
-        self.manifest = manifest
+        # Every argument is checked once, by the C engine (TypeError / ValueError
+        # before anything is connected).
         self._c = _c.Stream(
             source,
             destination,
-            tuples,
+            _extent_tuples(extents),
             disk_size,
             block_size=block_size,
             hash=hash,
@@ -291,8 +212,17 @@ class Stream:
             allow_trim=allow_trim,
             start_offset=start_offset,
             flush_interval=flush_interval,
-            flush_seconds=float(flush_seconds),
+            flush_seconds=flush_seconds,
+            manifest=manifest,
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            max_unflushed=max_unflushed,
         )
+        self.source = source
+        self.destination = destination
+        self.disk_size = disk_size
+        self.block_size = block_size
+        self.manifest = manifest
 
     def run(self) -> Progress:
         """Copy everything; returns the final progress.
@@ -300,7 +230,7 @@ class Stream:
         Raises BlockstreamError (with the failing extent, side and NBD error)
         or Cancelled.
         """
-        return Progress._from_tuple(self._c.run(self.manifest))
+        return Progress._from_tuple(self._c.run())
 
     def cancel(self) -> None:
         """Stop soon; run() raises Cancelled.  Thread-safe."""
@@ -308,8 +238,6 @@ class Stream:
 
     def set_rate_limit(self, bytes_per_s: int | None) -> None:
         """Change the source read rate limit (None: unlimited).  Thread-safe."""
-        if bytes_per_s is not None:
-            _int("rate_limit", bytes_per_s, 1)
         self._c.set_rate_limit(bytes_per_s)
 
     def progress(self) -> Progress:

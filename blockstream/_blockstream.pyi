@@ -10,7 +10,7 @@ class Stream:
         self,
         source: str,
         destination: str | None,
-        extents: Sequence[tuple[int, int] | tuple[int, int, bool]],
+        extents: object,
         disk_size: int,
         block_size: int = ...,
         hash: str = ...,
@@ -23,13 +23,33 @@ class Stream:
         start_offset: int = ...,
         flush_interval: int = ...,
         flush_seconds: float = ...,
+        manifest: Any = ...,
+        connect_timeout: float = ...,
+        request_timeout: float = ...,
+        max_unflushed: int | None = ...,
     ) -> None: ...
-    def run(self, manifest: Any = ...) -> tuple[Any, ...]: ...
+    def run(self) -> tuple[Any, ...]: ...
     def cancel(self) -> None: ...
     def set_rate_limit(self, rate: int | None, /) -> None: ...
     def progress(self) -> tuple[Any, ...]: ...
 
-def _set_error_classes(error: type[BaseException], cancelled: type[BaseException], /) -> None: ...
+class BlockstreamError(Exception):
+    extent: tuple[int, int] | None
+    nbd_error: str
+    errno: int
+    endpoint: str | None
+    def __init__(
+        self,
+        message: str,
+        *,
+        extent: tuple[int, int] | None = ...,
+        nbd_error: str = ...,
+        errno: int = ...,
+        endpoint: str | None = ...,
+    ) -> None: ...
+
+class Cancelled(BlockstreamError): ...
+
 def normalize(
     extents: Sequence[tuple[int, int] | tuple[int, int, bool]],
     disk_size: int,

@@ -11,6 +11,8 @@
 
 #include "bs.h"
 
+#define CONNECT_TIMEOUT 30       /* seconds for connect + handshake */
+
 #define BS_CHUNK (1ULL << 30)   /* ask for at most 1 GiB per command */
 
 struct collect {
@@ -114,7 +116,19 @@ bs_block_status (const char *uri, const char *context, uint64_t limit,
     fill (err, 0, 0, 0, nbd_get_errno (), nbd_get_error (), "connect");
     return -1;
   }
-  if (nbd_add_meta_context (h, context) == -1 || bs_connect (h, uri) == -1) {
+  int rc = nbd_add_meta_context (h, context) == -1 ? -1 :
+           bs_connect_timed (h, uri, CONNECT_TIMEOUT, -1, NULL, NULL);
+  if (rc == -3) {
+    char msg[600], peer[300];
+    bs_uri_peer (uri, peer, sizeof peer);
+    snprintf (msg, sizeof msg, "%s did not complete the NBD handshake "
+              "within %d s (a server that serves one client at a time, "
+              "busy with another client, or a stalled server)", peer,
+              CONNECT_TIMEOUT);
+    fill (err, 0, 0, 0, ETIMEDOUT, msg, "connect");
+    goto fail;
+  }
+  if (rc != 0) {
     int en = nbd_get_errno ();
     fill (err, 0, 0, 0, en ? en : EPROTO, nbd_get_error (), "connect");
     goto fail;

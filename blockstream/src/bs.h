@@ -70,6 +70,10 @@ typedef struct bs_config {
   uint64_t start_offset;
   uint64_t flush_interval;
   double flush_seconds;         /* also flush when this long since the last round; 0 = off */
+  double connect_timeout;       /* seconds for connect + handshake; 0 = no limit */
+  double request_timeout;       /* seconds without any reply while commands are
+                                 * outstanding on a connection; 0 = no limit */
+  uint64_t max_unflushed;       /* data bytes taken beyond durable_offset; 0 = no limit */
 } bs_config;
 
 typedef struct bs_progress {
@@ -80,6 +84,9 @@ typedef struct bs_progress {
   uint64_t read_durable, written_durable;
   double rate;
   int done;
+  int connections;              /* connection pairs that completed their handshake */
+  int connections_dropped;      /* extra pairs refused or not ready within connect_timeout */
+  int multi_conn;               /* 1: every server advertised NBD_FLAG_CAN_MULTI_CONN */
 } bs_progress;
 
 enum bs_endpoint { BS_EP_NONE = 0, BS_EP_SOURCE = 1, BS_EP_DESTINATION = 2 };
@@ -115,6 +122,14 @@ void bs_stream_progress (bs_stream *s, bs_progress *p);
 struct nbd_handle;
 /* nbd_connect_uri plus: tls-psk-file allowed, tls-username= honoured. */
 int bs_connect (struct nbd_handle *h, const char *uri);
+/* The same, asynchronously, until the handshake is done: 0 ready, -1 a
+ * libnbd error (nbd_get_error), -2 give_up(arg) returned true (checked
+ * whenever wake_fd, an eventfd or -1, is written), -3 the handshake did not
+ * complete within timeout seconds (0: no limit). */
+int bs_connect_timed (struct nbd_handle *h, const char *uri, double timeout,
+                      int wake_fd, int (*give_up) (void *), void *arg);
+/* A printable name of the server of a URI (no query parameters). */
+void bs_uri_peer (const char *uri, char *out, size_t n);
 
 /* ---- block status (blockstatus.c) ---- */
 

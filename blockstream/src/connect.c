@@ -1,8 +1,13 @@
 /* Connecting a libnbd handle to a URI, with the few extras the project's
  * URIs use on top of what libnbd 1.14's nbd_connect_uri understands. */
+#include <errno.h>
+#include <poll.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <libnbd.h>
 
@@ -53,8 +58,8 @@ query_param (const char *uri, const char *key)
   return NULL;
 }
 
-int
-bs_connect (struct nbd_handle *h, const char *uri)
+static int
+prepare (struct nbd_handle *h, const char *uri)
 {
   char *user;
 
@@ -71,5 +76,85 @@ bs_connect (struct nbd_handle *h, const char *uri)
     if (r == -1)
       return -1;
   }
+  return 0;
+}
+
+int
+bs_connect (struct nbd_handle *h, const char *uri)
+{
+  if (prepare (h, uri) == -1)
+    return -1;
   return nbd_connect_uri (h, uri);
+}
+
+static double
+mono (void)
+{
+  struct timespec ts;
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+void
+bs_uri_peer (const char *uri, char *out, size_t n)
+{
+  /* the URI up to its query, plus the socket= of a unix URI: enough to
+   * name the server without printing credentials' file names */
+  size_t q = strcspn (uri, "?#");
+  char *sock = query_param (uri, "socket");
+  if (sock)
+    snprintf (out, n, "%.*s (socket %s)", (int) q, uri, sock);
+  else
+    snprintf (out, n, "%.*s", (int) q, uri);
+  free (sock);
+}
+
+int
+bs_connect_timed (struct nbd_handle *h, const char *uri, double timeout,
+                  int wake_fd, int (*give_up) (void *), void *arg)
+{
+  double deadline = mono () + timeout;
+
+  if (prepare (h, uri) == -1 || nbd_aio_connect_uri (h, uri) == -1)
+    return -1;
+  for (;;) {
+    if (nbd_aio_is_ready (h))
+      return 0;
+    if (nbd_aio_is_dead (h) || nbd_aio_is_closed (h))
+      return -1;
+    if (give_up && give_up (arg))
+      return -2;
+    double left = timeout > 0 ? deadline - mono () : 1.0;
+    if (left <= 0)
+      return -3;
+    unsigned dir = nbd_aio_get_direction (h);
+    struct pollfd fds[2] = {
+      { .fd = nbd_aio_get_fd (h), .events =
+        ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+        ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0) },
+      { .fd = wake_fd, .events = POLLIN },
+    };
+    int ms = left > 1.0 ? 1000 : (int) (left * 1000) + 1;
+    if (fds[0].fd < 0)
+      return -1;
+    int r = poll (fds, wake_fd >= 0 ? 2 : 1, ms);
+    if (r == -1) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    if (wake_fd >= 0 && (fds[1].revents & POLLIN)) {
+      uint64_t v;
+      ssize_t rr = read (wake_fd, &v, sizeof v);
+      (void) rr;
+    }
+    if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      if (nbd_aio_notify_read (h) == -1)
+        return -1;
+    }
+    if (fds[0].revents & POLLOUT) {
+      if (nbd_aio_notify_write (h) == -1)
+        return -1;
+    }
+  }
 }

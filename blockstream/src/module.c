@@ -1,14 +1,22 @@
 /* blockstream._blockstream: Python binding of the C engine.
  *
  * The public, documented API is blockstream/__init__.py; this module is its
- * private back end.  Every entry point re-validates its arguments so that
- * calling it directly with nonsense raises TypeError/ValueError instead of
- * crashing.
+ * private back end and the one place where the arguments of Stream are
+ * validated (the Python layer only converts Extent objects to tuples), so
+ * that calling it directly with nonsense raises TypeError/ValueError instead
+ * of crashing.
+ *
+ * Current CPython practice: multi-phase initialisation (PyModuleDef_Init and
+ * a Py_mod_exec slot), Stream is a heap type made with
+ * PyType_FromModuleAndSpec, and the module state holds that type and the
+ * exception types BlockstreamError and Cancelled, which are created here.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -16,8 +24,17 @@
 
 #include "bs.h"
 
-static PyObject *ErrorClass;        /* blockstream.BlockstreamError */
-static PyObject *CancelledClass;    /* blockstream.Cancelled */
+typedef struct {
+  PyObject *stream_type;
+  PyObject *error;              /* blockstream.BlockstreamError */
+  PyObject *cancelled;          /* blockstream.Cancelled */
+} module_state;
+
+static module_state *
+state_of (PyObject *module)
+{
+  return (module_state *) PyModule_GetState (module);
+}
 
 #define MIN_BLOCK (4ULL << 10)
 #define MAX_BLOCK (16ULL << 20)
@@ -135,12 +152,13 @@ parse_extents (PyObject *seq, uint64_t disk_size, bs_extent **out,
     }
     v[i].zero = 0;
     if (k == 3) {
-      int z = PyObject_IsTrue (PySequence_Fast_GET_ITEM (f, 2));
-      if (z < 0) {
+      PyObject *z = PySequence_Fast_GET_ITEM (f, 2);
+      if (!PyBool_Check (z)) {
         Py_DECREF (f);
+        PyErr_Format (PyExc_TypeError, "extent %zd: zero must be a bool", i);
         goto fail;
       }
-      v[i].zero = z;
+      v[i].zero = z == Py_True;
     }
     Py_DECREF (f);
     if (v[i].off > disk_size || v[i].len > disk_size - v[i].off) {
@@ -163,24 +181,18 @@ parse_extents (PyObject *seq, uint64_t disk_size, bs_extent **out,
 }
 
 static PyObject *
-raise_error (const bs_error *e, int cancelled)
+raise_error (module_state *st, const bs_error *e, int cancelled)
 {
-  PyObject *cls = cancelled ? CancelledClass : ErrorClass;
+  PyObject *cls = cancelled ? st->cancelled : st->error;
   PyObject *args = NULL, *kw = NULL, *exc = NULL, *extent;
   const char *ep = e->endpoint == BS_EP_SOURCE ? "source" :
                    e->endpoint == BS_EP_DESTINATION ? "destination" : NULL;
 
-  if (cls == NULL) {
-    PyErr_SetString (PyExc_RuntimeError, e->message);
-    return NULL;
-  }
   if (e->has_extent)
     extent = Py_BuildValue ("(KK)", (unsigned long long) e->off,
                             (unsigned long long) e->len);
-  else {
-    extent = Py_None;
-    Py_INCREF (extent);
-  }
+  else
+    extent = Py_NewRef (Py_None);
   if (extent == NULL)
     return NULL;
   args = Py_BuildValue ("(s)", e->message);
@@ -197,19 +209,155 @@ raise_error (const bs_error *e, int cancelled)
   return NULL;
 }
 
+/* ---- the exception types ---- */
+
+/* BlockstreamError(message, *, extent=None, nbd_error="", errno=0,
+ * endpoint=None): the attributes live in the instance __dict__, so
+ * BaseException's own __reduce__ (type, args, __dict__) pickles them. */
+static int
+error_init (PyObject *self, PyObject *args, PyObject *kwds)
+{
+  static char *kwlist[] = { "message", "extent", "nbd_error", "errno",
+                            "endpoint", NULL };
+  PyObject *message, *extent = Py_None, *nbd_error = NULL, *err = NULL;
+  PyObject *endpoint = Py_None, *base_args;
+  int rc;
+
+  if (!PyArg_ParseTupleAndKeywords (args, kwds, "O|$OOOO", kwlist, &message,
+                                    &extent, &nbd_error, &err, &endpoint))
+    return -1;
+  base_args = PyTuple_Pack (1, message);
+  if (base_args == NULL)
+    return -1;
+  rc = ((PyTypeObject *) PyExc_Exception)->tp_init (self, base_args, NULL);
+  Py_DECREF (base_args);
+  if (rc < 0)
+    return -1;
+  PyObject *empty = NULL, *zero = NULL;
+  if (nbd_error == NULL)
+    nbd_error = empty = PyUnicode_FromString ("");
+  if (err == NULL)
+    err = zero = PyLong_FromLong (0);
+  rc = (nbd_error && err &&
+        PyObject_SetAttrString (self, "extent", extent) == 0 &&
+        PyObject_SetAttrString (self, "nbd_error", nbd_error) == 0 &&
+        PyObject_SetAttrString (self, "errno", err) == 0 &&
+        PyObject_SetAttrString (self, "endpoint", endpoint) == 0) ? 0 : -1;
+  Py_XDECREF (empty);
+  Py_XDECREF (zero);
+  return rc;
+}
+
+static PyType_Slot error_slots[] = {
+  { Py_tp_init, error_init },
+  { Py_tp_doc, (void *) PyDoc_STR (
+      "A copy, hash or block-status operation failed.\n\n"
+      "Attributes: extent (offset, length) of the failing NBD command or "
+      "None, nbd_error (libnbd's text), errno, endpoint (\"source\", "
+      "\"destination\" or None).") },
+  { 0, NULL }
+};
+
+static PyType_Spec error_spec = {
+  .name = "blockstream.BlockstreamError",
+  .basicsize = 0,
+  .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,  /* GC: inherited */
+  .slots = error_slots,
+};
+
 /* ---- Stream ---- */
 
 typedef struct {
   PyObject_HEAD
   bs_stream *s;
   bs_config cfg;
+  PyObject *manifest;           /* writable buffer or NULL */
 } StreamObject;
+
+static int
+Stream_traverse (StreamObject *self, visitproc visit, void *arg)
+{
+  Py_VISIT (Py_TYPE (self));
+  Py_VISIT (self->manifest);
+  return 0;
+}
+
+static int
+Stream_clear (StreamObject *self)
+{
+  Py_CLEAR (self->manifest);
+  return 0;
+}
 
 static void
 Stream_dealloc (StreamObject *self)
 {
+  PyTypeObject *tp = Py_TYPE (self);
+  PyObject_GC_UnTrack (self);
+  Stream_clear (self);
   bs_stream_free (self->s);
-  Py_TYPE (self)->tp_free ((PyObject *) self);
+  tp->tp_free ((PyObject *) self);
+  Py_DECREF (tp);
+}
+
+static int
+get_bool (PyObject *o, const char *name, int *out)
+{
+  if (o == NULL)
+    return 0;
+  if (!PyBool_Check (o)) {
+    PyErr_Format (PyExc_TypeError, "%s must be a bool, not %.100s", name,
+                  Py_TYPE (o)->tp_name);
+    return -1;
+  }
+  *out = o == Py_True;
+  return 0;
+}
+
+/* An int in [lo, hi]; the message names the range. */
+static int
+get_range (PyObject *o, const char *name, uint64_t lo, uint64_t hi,
+           uint64_t *out)
+{
+  if (get_u64 (o, name, out) == -1) {
+    if (PyErr_ExceptionMatches (PyExc_ValueError)) {
+      PyErr_Clear ();
+      PyErr_Format (PyExc_ValueError, "%s must be between %llu and %llu, "
+                    "got %R", name, (unsigned long long) lo,
+                    (unsigned long long) hi, o);
+    }
+    return -1;
+  }
+  if (*out < lo || *out > hi) {
+    PyErr_Format (PyExc_ValueError, "%s must be between %llu and %llu, "
+                  "got %llu", name, (unsigned long long) lo,
+                  (unsigned long long) hi, (unsigned long long) *out);
+    return -1;
+  }
+  return 0;
+}
+
+/* A finite number >= 0 (int or float, not bool). */
+static int
+get_seconds (PyObject *o, const char *name, double *out)
+{
+  if (o == NULL)
+    return 0;
+  if (PyBool_Check (o) || !(PyFloat_Check (o) || PyLong_Check (o))) {
+    PyErr_Format (PyExc_ValueError, "%s must be a number >= 0, not %.100s",
+                  name, Py_TYPE (o)->tp_name);
+    return -1;
+  }
+  double v = PyFloat_AsDouble (o);
+  if (v == -1 && PyErr_Occurred ())
+    return -1;
+  if (!(v >= 0) || !isfinite (v)) {
+    PyErr_Format (PyExc_ValueError, "%s must be a number >= 0, got %R",
+                  name, o);
+    return -1;
+  }
+  *out = v;
+  return 0;
 }
 
 static int
@@ -218,13 +366,15 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
   static char *kwlist[] = {
     "source", "destination", "extents", "disk_size", "block_size", "hash",
     "compare", "max_request", "connections", "in_flight", "rate_limit",
-    "allow_trim", "start_offset", "flush_interval", "flush_seconds", NULL
+    "allow_trim", "start_offset", "flush_interval", "flush_seconds",
+    "manifest", "connect_timeout", "request_timeout", "max_unflushed", NULL
   };
   PyObject *src, *dst = Py_None, *extents, *o_disk, *o_bs = NULL;
   PyObject *o_hash = NULL, *o_maxreq = NULL, *o_conn = NULL, *o_inf = NULL;
   PyObject *o_rate = Py_None, *o_start = NULL, *o_flush = NULL;
-  int compare = 0, allow_trim = 0;
-  double flush_seconds = 0;
+  PyObject *o_compare = NULL, *o_trim = NULL, *o_fsec = NULL;
+  PyObject *o_manifest = Py_None, *o_ctime = NULL, *o_rtime = NULL;
+  PyObject *o_unflushed = Py_None;
   bs_config cfg;
   uint64_t v;
   bs_extent *ext = NULL;
@@ -235,19 +385,27 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
     PyErr_SetString (PyExc_RuntimeError, "Stream already initialised");
     return -1;
   }
-  if (!PyArg_ParseTupleAndKeywords (args, kwds, "UOOO|OOpOOOOpOOd", kwlist,
-                                    &src, &dst, &extents, &o_disk, &o_bs,
-                                    &o_hash, &compare, &o_maxreq, &o_conn,
-                                    &o_inf, &o_rate, &allow_trim, &o_start,
-                                    &o_flush, &flush_seconds))
+  if (!PyArg_ParseTupleAndKeywords (args, kwds, "OOOO|OOOOOOOOOOOOOOO",
+                                    kwlist, &src, &dst, &extents, &o_disk,
+                                    &o_bs, &o_hash, &o_compare, &o_maxreq,
+                                    &o_conn, &o_inf, &o_rate, &o_trim,
+                                    &o_start, &o_flush, &o_fsec, &o_manifest,
+                                    &o_ctime, &o_rtime, &o_unflushed))
     return -1;
   memset (&cfg, 0, sizeof cfg);
+  if (!PyUnicode_Check (src) || PyUnicode_GetLength (src) == 0) {
+    PyErr_SetString (PyExc_TypeError,
+                     "source must be a non-empty NBD URI string");
+    return -1;
+  }
   cfg.src_uri = PyUnicode_AsUTF8 (src);
   if (cfg.src_uri == NULL)
     return -1;
   if (dst != Py_None) {
-    if (!PyUnicode_Check (dst)) {
-      PyErr_SetString (PyExc_TypeError, "destination must be a str or None");
+    if (!PyUnicode_Check (dst) || PyUnicode_GetLength (dst) == 0) {
+      PyErr_SetString (PyExc_TypeError,
+                       "destination must be a non-empty NBD URI string "
+                       "or None");
       return -1;
     }
     cfg.dst_uri = PyUnicode_AsUTF8 (dst);
@@ -264,37 +422,53 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
   cfg.hash = BS_HASH_XXH128;
   if (o_hash && parse_hash (o_hash, &cfg.hash) == -1)
     return -1;
-  cfg.compare = compare;
-  if (compare && cfg.hash == BS_HASH_NONE) {
-    PyErr_SetString (PyExc_ValueError, "compare needs a hash");
+  if (get_bool (o_compare, "compare", &cfg.compare) == -1 ||
+      get_bool (o_trim, "allow_trim", &cfg.allow_trim) == -1)
+    return -1;
+  if (o_manifest != Py_None) {
+    Py_buffer view;
+    uint64_t need;
+    if (PyObject_GetBuffer (o_manifest, &view,
+                            PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) == -1) {
+      PyErr_Clear ();
+      PyErr_SetString (PyExc_TypeError,
+                       "manifest must be a bytearray (updated in place) "
+                       "or None");
+      return -1;
+    }
+    need = (cfg.disk_size + cfg.block_size - 1) / cfg.block_size *
+           BS_HASH_SIZE;
+    PyBuffer_Release (&view);
+    if ((uint64_t) view.len != need) {
+      PyErr_Format (PyExc_ValueError,
+                    "manifest must be manifest_size(%llu, %llu) = %llu "
+                    "bytes, got %zd", (unsigned long long) cfg.disk_size,
+                    (unsigned long long) cfg.block_size,
+                    (unsigned long long) need, view.len);
+      return -1;
+    }
+    if (cfg.hash == BS_HASH_NONE) {
+      PyErr_SetString (PyExc_ValueError,
+                       "hash='none' is only allowed without a manifest");
+      return -1;
+    }
+  }
+  if (cfg.compare && o_manifest == Py_None) {
+    PyErr_SetString (PyExc_ValueError,
+                     "compare=True needs the destination's manifest");
     return -1;
   }
   cfg.max_request = 4 << 20;
-  if (o_maxreq && get_u64 (o_maxreq, "max_request", &cfg.max_request) == -1)
+  if (o_maxreq && get_range (o_maxreq, "max_request", MIN_REQUEST,
+                             MAX_REQUEST, &cfg.max_request) == -1)
     return -1;
-  if (cfg.max_request < MIN_REQUEST || cfg.max_request > MAX_REQUEST) {
-    PyErr_Format (PyExc_ValueError, "max_request must be between %llu and %llu",
-                  (unsigned long long) MIN_REQUEST,
-                  (unsigned long long) MAX_REQUEST);
-    return -1;
-  }
   v = 4;
-  if (o_conn && get_u64 (o_conn, "connections", &v) == -1)
+  if (o_conn && get_range (o_conn, "connections", 1, MAX_CONNECTIONS, &v))
     return -1;
-  if (v < 1 || v > MAX_CONNECTIONS) {
-    PyErr_Format (PyExc_ValueError, "connections must be between 1 and %d",
-                  MAX_CONNECTIONS);
-    return -1;
-  }
   cfg.connections = (int) v;
   v = 16;
-  if (o_inf && get_u64 (o_inf, "in_flight", &v) == -1)
+  if (o_inf && get_range (o_inf, "in_flight", 1, MAX_IN_FLIGHT, &v))
     return -1;
-  if (v < 1 || v > MAX_IN_FLIGHT) {
-    PyErr_Format (PyExc_ValueError, "in_flight must be between 1 and %d",
-                  MAX_IN_FLIGHT);
-    return -1;
-  }
   cfg.in_flight = (int) v;
   if ((uint64_t) cfg.connections * cfg.in_flight * cfg.max_request >
       MAX_BUFFERS) {
@@ -304,16 +478,9 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
     return -1;
   }
   cfg.rate_limit = 0;
-  if (o_rate != Py_None) {
-    if (get_u64 (o_rate, "rate_limit", &cfg.rate_limit) == -1)
-      return -1;
-    if (cfg.rate_limit == 0) {
-      PyErr_SetString (PyExc_ValueError,
-                       "rate_limit must be positive (or None)");
-      return -1;
-    }
-  }
-  cfg.allow_trim = allow_trim;
+  if (o_rate != Py_None &&
+      get_range (o_rate, "rate_limit", 1, MAX_DISK, &cfg.rate_limit) == -1)
+    return -1;
   cfg.start_offset = 0;
   if (o_start && get_u64 (o_start, "start_offset", &cfg.start_offset) == -1)
     return -1;
@@ -326,18 +493,19 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
     return -1;
   }
   cfg.flush_interval = 256 << 20;
-  if (o_flush && get_u64 (o_flush, "flush_interval",
-                          &cfg.flush_interval) == -1)
+  if (o_flush && get_range (o_flush, "flush_interval", 1, MAX_DISK,
+                            &cfg.flush_interval) == -1)
     return -1;
-  if (cfg.flush_interval == 0) {
-    PyErr_SetString (PyExc_ValueError, "flush_interval must be positive");
+  cfg.connect_timeout = 30;
+  cfg.request_timeout = 60;
+  if (get_seconds (o_fsec, "flush_seconds", &cfg.flush_seconds) == -1 ||
+      get_seconds (o_ctime, "connect_timeout", &cfg.connect_timeout) == -1 ||
+      get_seconds (o_rtime, "request_timeout", &cfg.request_timeout) == -1)
     return -1;
-  }
-  if (!(flush_seconds >= 0)) {
-    PyErr_SetString (PyExc_ValueError, "flush_seconds must be >= 0");
+  if (o_unflushed != Py_None &&
+      get_range (o_unflushed, "max_unflushed", 1, MAX_DISK,
+                 &cfg.max_unflushed) == -1)
     return -1;
-  }
-  cfg.flush_seconds = flush_seconds;
 
   if (parse_extents (extents, cfg.disk_size, &ext, &next) == -1)
     return -1;
@@ -359,6 +527,8 @@ Stream_init (StreamObject *self, PyObject *args, PyObject *kwds)
   }
   self->cfg = cfg;
   self->cfg.src_uri = self->cfg.dst_uri = NULL;  /* owned by the engine */
+  if (o_manifest != Py_None)
+    self->manifest = Py_NewRef (o_manifest);
   return 0;
 }
 
@@ -367,7 +537,7 @@ progress_tuple (bs_stream *s)
 {
   bs_progress p;
   bs_stream_progress (s, &p);
-  return Py_BuildValue ("(KKKKKKKKdOKK)",
+  return Py_BuildValue ("(KKKKKKKKdOKKiiO)",
                         (unsigned long long) p.bytes_read,
                         (unsigned long long) p.bytes_written,
                         (unsigned long long) p.bytes_zero,
@@ -378,7 +548,9 @@ progress_tuple (bs_stream *s)
                         (unsigned long long) p.durable_offset,
                         p.rate, p.done ? Py_True : Py_False,
                         (unsigned long long) p.read_durable,
-                        (unsigned long long) p.written_durable);
+                        (unsigned long long) p.written_durable,
+                        p.connections, p.connections_dropped,
+                        p.multi_conn ? Py_True : Py_False);
 }
 
 static int
@@ -392,47 +564,21 @@ ready (StreamObject *self)
 }
 
 static PyObject *
-Stream_run (StreamObject *self, PyObject *args, PyObject *kwds)
+Stream_run (StreamObject *self, PyObject *unused)
 {
-  static char *kwlist[] = { "manifest", NULL };
-  PyObject *manifest = Py_None;
   Py_buffer view;
   int have = 0, rc;
   bs_error err;
-  uint64_t need;
+  (void) unused;
 
   if (!ready (self))
     return NULL;
-  if (!PyArg_ParseTupleAndKeywords (args, kwds, "|O", kwlist, &manifest))
-    return NULL;
-  if (manifest != Py_None) {
-    if (self->cfg.hash == BS_HASH_NONE) {
-      PyErr_SetString (PyExc_ValueError,
-                       "hash='none' cannot fill a manifest");
+  if (self->manifest) {
+    /* checked in __init__; the object may have been resized since */
+    if (PyObject_GetBuffer (self->manifest, &view,
+                            PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) == -1)
       return NULL;
-    }
-    if (PyObject_GetBuffer (manifest, &view,
-                            PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) == -1) {
-      PyErr_Clear ();
-      PyErr_SetString (PyExc_TypeError,
-                       "manifest must be a writable buffer (bytearray)");
-      return NULL;
-    }
     have = 1;
-    need = (self->cfg.disk_size + self->cfg.block_size - 1) /
-           self->cfg.block_size * BS_HASH_SIZE;
-    if ((uint64_t) view.len != need) {
-      PyBuffer_Release (&view);
-      PyErr_Format (PyExc_ValueError,
-                    "manifest must be manifest_size(disk_size, block_size) "
-                    "= %llu bytes, not %zd", (unsigned long long) need,
-                    view.len);
-      return NULL;
-    }
-  }
-  else if (self->cfg.compare) {
-    PyErr_SetString (PyExc_ValueError, "compare needs a manifest");
-    return NULL;
   }
 
   Py_BEGIN_ALLOW_THREADS
@@ -442,10 +588,13 @@ Stream_run (StreamObject *self, PyObject *args, PyObject *kwds)
 
   if (have)
     PyBuffer_Release (&view);
+  module_state *st = PyType_GetModuleState (Py_TYPE (self));
+  if (st == NULL)
+    return NULL;
   if (rc == BS_CANCELLED)
-    return raise_error (&err, 1);
+    return raise_error (st, &err, 1);
   if (rc != BS_OK)
-    return raise_error (&err, 0);
+    return raise_error (st, &err, 0);
   return progress_tuple (self->s);
 }
 
@@ -465,15 +614,9 @@ Stream_set_rate_limit (StreamObject *self, PyObject *arg)
   uint64_t v = 0;
   if (!ready (self))
     return NULL;
-  if (arg != Py_None) {
-    if (get_u64 (arg, "rate_limit", &v) == -1)
-      return NULL;
-    if (v == 0) {
-      PyErr_SetString (PyExc_ValueError,
-                       "rate_limit must be positive (or None)");
-      return NULL;
-    }
-  }
+  if (arg != Py_None &&
+      get_range (arg, "rate_limit", 1, MAX_DISK, &v) == -1)
+    return NULL;
   bs_stream_set_rate (self->s, v);
   Py_RETURN_NONE;
 }
@@ -488,8 +631,8 @@ Stream_progress (StreamObject *self, PyObject *unused)
 }
 
 static PyMethodDef Stream_methods[] = {
-  { "run", (PyCFunction) (void (*) (void)) Stream_run,
-    METH_VARARGS | METH_KEYWORDS, "run(manifest=None) -> progress tuple" },
+  { "run", (PyCFunction) Stream_run, METH_NOARGS,
+    "run() -> progress tuple" },
   { "cancel", (PyCFunction) Stream_cancel, METH_NOARGS, "cancel()" },
   { "set_rate_limit", (PyCFunction) Stream_set_rate_limit, METH_O,
     "set_rate_limit(bytes_per_s or None)" },
@@ -498,37 +641,25 @@ static PyMethodDef Stream_methods[] = {
   { NULL }
 };
 
-static PyTypeObject StreamType = {
-  PyVarObject_HEAD_INIT (NULL, 0)
-  .tp_name = "blockstream._blockstream.Stream",
-  .tp_basicsize = sizeof (StreamObject),
-  .tp_dealloc = (destructor) Stream_dealloc,
-  .tp_flags = Py_TPFLAGS_DEFAULT,
-  .tp_doc = "C copy engine (use blockstream.Stream)",
-  .tp_methods = Stream_methods,
-  .tp_init = (initproc) Stream_init,
-  .tp_new = PyType_GenericNew,
+static PyType_Slot stream_slots[] = {
+  { Py_tp_dealloc, Stream_dealloc },
+  { Py_tp_traverse, Stream_traverse },
+  { Py_tp_clear, Stream_clear },
+  { Py_tp_doc, (void *) PyDoc_STR ("C copy engine (use blockstream.Stream)") },
+  { Py_tp_methods, Stream_methods },
+  { Py_tp_init, Stream_init },
+  { Py_tp_new, PyType_GenericNew },
+  { 0, NULL }
+};
+
+static PyType_Spec stream_spec = {
+  .name = "blockstream._blockstream.Stream",
+  .basicsize = sizeof (StreamObject),
+  .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+  .slots = stream_slots,
 };
 
 /* ---- functions ---- */
-
-static PyObject *
-mod_set_error_classes (PyObject *m, PyObject *args)
-{
-  PyObject *e, *c;
-  (void) m;
-  if (!PyArg_ParseTuple (args, "OO", &e, &c))
-    return NULL;
-  if (!PyType_Check (e) || !PyType_Check (c)) {
-    PyErr_SetString (PyExc_TypeError, "exception classes expected");
-    return NULL;
-  }
-  Py_INCREF (e);
-  Py_INCREF (c);
-  Py_XSETREF (ErrorClass, e);
-  Py_XSETREF (CancelledClass, c);
-  Py_RETURN_NONE;
-}
 
 static PyObject *
 mod_normalize (PyObject *m, PyObject *args, PyObject *kwds)
@@ -775,7 +906,7 @@ mod_block_status (PyObject *m, PyObject *args)
   bs_error err;
   int missing = 0, rc;
   PyObject *list;
-  (void) m;
+  
 
   if (!PyArg_ParseTuple (args, "ss|K", &uri, &context, &limit))
     return NULL;
@@ -784,7 +915,7 @@ mod_block_status (PyObject *m, PyObject *args)
   rc = bs_block_status (uri, context, limit, &v, &n, &size, &err, &missing);
   Py_END_ALLOW_THREADS
   if (rc == -1)
-    return raise_error (&err, 0);
+    return raise_error (state_of (m), &err, 0);
   list = PyList_New (n);
   for (i = 0; list && i < n; i++) {
     PyObject *t = Py_BuildValue ("(KKI)", (unsigned long long) v[i].off,
@@ -803,7 +934,6 @@ mod_block_status (PyObject *m, PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
-  { "_set_error_classes", mod_set_error_classes, METH_VARARGS, NULL },
   { "normalize", (PyCFunction) (void (*) (void)) mod_normalize,
     METH_VARARGS | METH_KEYWORDS,
     "normalize(extents, disk_size, block_size, start_offset=0) -> "
@@ -821,27 +951,76 @@ static PyMethodDef module_methods[] = {
   { NULL }
 };
 
+static int
+module_exec (PyObject *m)
+{
+  module_state *st = state_of (m);
+
+  st->stream_type = PyType_FromModuleAndSpec (m, &stream_spec, NULL);
+  if (st->stream_type == NULL ||
+      PyModule_AddObjectRef (m, "Stream", st->stream_type) < 0)
+    return -1;
+  st->error = PyType_FromModuleAndSpec (m, &error_spec, PyExc_Exception);
+  if (st->error == NULL ||
+      PyModule_AddObjectRef (m, "BlockstreamError", st->error) < 0)
+    return -1;
+  st->cancelled = PyErr_NewExceptionWithDoc (
+    "blockstream.Cancelled",
+    "Stream.cancel() was called; progress() stays valid for a resume.",
+    st->error, NULL);
+  if (st->cancelled == NULL ||
+      PyModule_AddObjectRef (m, "Cancelled", st->cancelled) < 0)
+    return -1;
+  if (PyModule_AddIntConstant (m, "HASH_SIZE", BS_HASH_SIZE) < 0)
+    return -1;
+  return 0;
+}
+
+static int
+module_traverse (PyObject *m, visitproc visit, void *arg)
+{
+  module_state *st = state_of (m);
+  Py_VISIT (st->stream_type);
+  Py_VISIT (st->error);
+  Py_VISIT (st->cancelled);
+  return 0;
+}
+
+static int
+module_clear (PyObject *m)
+{
+  module_state *st = state_of (m);
+  Py_CLEAR (st->stream_type);
+  Py_CLEAR (st->error);
+  Py_CLEAR (st->cancelled);
+  return 0;
+}
+
+static void
+module_free (void *m)
+{
+  module_clear ((PyObject *) m);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+  { Py_mod_exec, module_exec },
+  { 0, NULL }
+};
+
 static struct PyModuleDef moduledef = {
-  PyModuleDef_HEAD_INIT, "blockstream._blockstream",
-  "C engine of blockstream (private; use the blockstream package)", -1,
-  module_methods
+  PyModuleDef_HEAD_INIT,
+  .m_name = "blockstream._blockstream",
+  .m_doc = "C engine of blockstream (private; use the blockstream package)",
+  .m_size = sizeof (module_state),
+  .m_methods = module_methods,
+  .m_slots = module_slots,
+  .m_traverse = module_traverse,
+  .m_clear = module_clear,
+  .m_free = module_free,
 };
 
 PyMODINIT_FUNC
 PyInit__blockstream (void)
 {
-  PyObject *m;
-  if (PyType_Ready (&StreamType) < 0)
-    return NULL;
-  m = PyModule_Create (&moduledef);
-  if (m == NULL)
-    return NULL;
-  Py_INCREF (&StreamType);
-  if (PyModule_AddObject (m, "Stream", (PyObject *) &StreamType) < 0) {
-    Py_DECREF (&StreamType);
-    Py_DECREF (m);
-    return NULL;
-  }
-  PyModule_AddIntConstant (m, "HASH_SIZE", BS_HASH_SIZE);
-  return m;
+  return PyModuleDef_Init (&moduledef);
 }

@@ -125,6 +125,8 @@ struct worker {
   int handle_errno;
   int handle_err_side;
   int clean_exit;               /* left the loop with nothing outstanding */
+  int joined;                   /* counted in s->active */
+  double src_last, dst_last;    /* last reply (or first command) per connection */
 };
 
 struct bs_stream {
@@ -141,7 +143,14 @@ struct bs_stream {
   char *zerobuf;                /* for servers without write_zeroes */
 
   pthread_mutex_t mu;
+  pthread_cond_t cv;            /* the first pair connected (or failed) */
   /* --- under mu --- */
+  int primary;                  /* 0 connecting, 1 connected, -1 failed */
+  int active;                   /* pairs connected and copying */
+  int connected, dropped;       /* pairs that completed / gave up the handshake */
+  int multi_conn;
+  uint64_t unsaved;             /* data bytes taken and not yet below durable */
+  char drop_reason[256];
   int ran, running;
   size_t cur_seg;
   uint64_t cur_off;
@@ -289,6 +298,7 @@ bs_stream_new (const bs_config *cfg, bs_segment *segs, size_t nseg)
   s->tail_len = cfg->disk_size % bs;
 
   pthread_mutex_init (&s->mu, NULL);
+  pthread_cond_init (&s->cv, NULL);
   s->rate = (double) cfg->rate_limit;
   s->cur_seg = 0;
   s->cur_off = nseg ? segs[0].start : 0;
@@ -302,6 +312,7 @@ bs_stream_free (bs_stream *s)
   if (!s)
     return;
   pthread_mutex_destroy (&s->mu);
+  pthread_cond_destroy (&s->cv);
   free (s->segs);
   free (s->src_uri);
   free (s->dst_uri);
@@ -359,6 +370,9 @@ bs_stream_progress (bs_stream *s, bs_progress *p)
       rate = (double) (s->processed - s->ring_b[best]) / dt;
   }
   p->rate = rate;
+  p->connections = s->connected;
+  p->connections_dropped = s->dropped;
+  p->multi_conn = s->multi_conn;
   pthread_mutex_unlock (&s->mu);
   p->bytes_read = atomic_load (&s->bytes_read);
   p->bytes_written = atomic_load (&s->bytes_written);
@@ -428,6 +442,8 @@ publish_durable_locked (bs_stream *s, uint64_t w)
     if (r->off < w) {
       if (s->manifest)
         store_hashes (s, r->off, r->len, r->zero, r->hashes);
+      if (!r->zero)
+        s->unsaved -= r->len < s->unsaved ? r->len : s->unsaved;
       atomic_fetch_add (&s->read_durable, r->read);
       atomic_fetch_add (&s->written_durable, r->written);
       *pp = r->next;
@@ -438,6 +454,8 @@ publish_durable_locked (bs_stream *s, uint64_t w)
   }
   if (w > atomic_load (&s->durable))
     atomic_store_explicit (&s->durable, w, memory_order_release);
+  if (s->cfg.max_unflushed && s->running)
+    wake_all_locked (s);        /* workers held back by max_unflushed */
 }
 
 static void
@@ -446,7 +464,7 @@ start_round_locked (bs_stream *s, uint64_t w)
   s->round_active = 1;
   s->round_t = now_s ();
   s->round_w = w;
-  s->round_left = s->nworkers;
+  s->round_left = s->active;
   s->bytes_since_flush = 0;
   atomic_fetch_add (&s->flush_gen, 1);
   wake_all_locked (s);
@@ -485,6 +503,17 @@ next_request (bs_stream *s, struct req *r, int *wait_ms)
   uint64_t max = seg->zero ? s->zero_req_bytes : s->req_bytes;
   uint64_t len = seg->end - off < max ? seg->end - off : max;
 
+  /* max_unflushed: what a failed run has to send again is what was taken
+   * beyond durable_offset; hold new data requests back until a flush round
+   * makes room (start one if none is running). */
+  if (!seg->zero && s->cfg.dst_uri && s->cfg.max_unflushed && s->unsaved &&
+      s->unsaved + len > s->cfg.max_unflushed) {
+    if (!s->round_active && s->bytes_since_flush > 0 &&
+        atomic_load (&s->stop) == STOP_NONE)
+      start_round_locked (s, watermark_locked (s));
+    ret = NR_WAIT;
+    goto out;
+  }
   if (!seg->zero && s->rate > 0) {
     double now = now_s (), burst = s->rate / 4;
     s->tokens += (now - s->tokens_t) * s->rate;
@@ -500,6 +529,8 @@ next_request (bs_stream *s, struct req *r, int *wait_ms)
     s->tokens -= (double) len;
   }
 
+  if (!seg->zero && s->cfg.dst_uri)
+    s->unsaved += len;
   r->seq = s->next_seq++;
   r->off = off;
   r->len = len;
@@ -638,6 +669,7 @@ read_cb (void *ud, int *error)
   if (atomic_load (&w->s->closing))
     return 1;
   w->src_cmds--;
+  w->src_last = now_s ();
   if (*error) {
     note_fail (w, BS_EP_SOURCE, OP_READ, op->off, op->len, *error);
     r->failed = 1;
@@ -659,6 +691,7 @@ write_cb (void *ud, int *error)
   if (atomic_load (&w->s->closing))
     return 1;
   w->dst_cmds--;
+  w->dst_last = now_s ();
   if (*error) {
     note_fail (w, BS_EP_DESTINATION, op->kind, op->off, op->len, *error);
     r->failed = 1;
@@ -682,6 +715,7 @@ flush_cb (void *ud, int *error)
   if (atomic_load (&s->closing))
     return 1;
   w->dst_cmds--;
+  w->dst_last = now_s ();
   if (*error) {
     uint64_t d = atomic_load (&s->durable);
     note_fail (w, BS_EP_DESTINATION, OP_FLUSH, d, op->off - d, *error);
@@ -777,7 +811,8 @@ start_request (struct worker *w, struct req *r)
       break;
     }
     r->pending++;
-    w->src_cmds++;
+    if (w->src_cmds++ == 0)
+      w->src_last = now_s ();
   }
   if (--r->pending == 0)
     push_ready (w, r);
@@ -881,7 +916,8 @@ issue_write (struct worker *w, struct req *r, int cls, uint64_t off,
     return -1;
   }
   r->pending++;
-  w->dst_cmds++;
+  if (w->dst_cmds++ == 0)
+    w->dst_last = now_s ();
   return 0;
 }
 
@@ -951,12 +987,28 @@ process_ready (struct worker *w)
 /* ---------------------------------------------------------------- */
 /* Worker. */
 
+/* give_up callback of bs_connect_timed: the primary pair gives up on a
+ * stop; extra pairs also when the copy is already finished. */
+static int
+connect_give_up (void *arg)
+{
+  struct worker *w = arg;
+  bs_stream *s = w->s;
+  return atomic_load (&s->stop) != STOP_NONE ||
+         (w->idx > 0 && atomic_load (&s->finished));
+}
+
+/* Opens one handle.  The primary pair (worker 0) must connect: a failure
+ * is the stream's error.  An extra pair that fails or does not complete
+ * its handshake in time is only dropped (*why says why). */
 static struct nbd_handle *
-open_handle (struct worker *w, const char *uri, int endpoint)
+open_handle (struct worker *w, const char *uri, int endpoint, char *why,
+             size_t whylen)
 {
   bs_stream *s = w->s;
   struct nbd_handle *h = nbd_create ();
-  char name[32];
+  char name[32], peer[300], msg[512];
+  int fatal = w->idx == 0;
 
   if (h == NULL) {
     set_error (s, endpoint, 0, 0, 0, nbd_get_errno (), nbd_get_error (),
@@ -967,19 +1019,35 @@ open_handle (struct worker *w, const char *uri, int endpoint)
             endpoint == BS_EP_SOURCE ? "src" : "dst", w->idx);
   nbd_set_handle_name (h, name);
   nbd_set_pread_initialize (h, false);        /* we never read a failed buf */
-  if (bs_connect (h, uri) == -1) {
-    int en = nbd_get_errno ();
-    set_error (s, endpoint, 0, 0, 0, en ? en : EPROTO, nbd_get_error (),
-               "connect");
+  bs_uri_peer (uri, peer, sizeof peer);
+  int rc = bs_connect_timed (h, uri, s->cfg.connect_timeout, w->efd,
+                             connect_give_up, w);
+  if (rc != 0) {
+    int en = rc == -3 ? ETIMEDOUT : rc == -2 ? ECANCELED : nbd_get_errno ();
+    if (rc == -3)
+      snprintf (msg, sizeof msg,
+                "%s did not complete the NBD handshake within %g s (a server "
+                "that serves one client at a time, e.g. qemu-nbd without "
+                "--shared, busy with another client, or a stalled server)",
+                peer, s->cfg.connect_timeout);
+    else if (rc == -2)
+      snprintf (msg, sizeof msg, "%s: connecting abandoned (stopped)", peer);
+    else
+      /* "nbd_connect:" as libnbd's synchronous connect says it: callers tell a
+       * refused TLS session (fails at connect) from a link cut mid-copy by it */
+      snprintf (msg, sizeof msg, "%s: nbd_connect: %s", peer,
+                nbd_get_error () ? nbd_get_error () : "connect failed");
+    if (fatal && rc != -2)
+      set_error (s, endpoint, 0, 0, 0, en ? en : EPROTO, msg, "connect");
+    snprintf (why, whylen, "%s", msg);
     nbd_close (h);
     return NULL;
   }
   int64_t size = nbd_get_size (h);
   if (size < 0 || (uint64_t) size < s->cfg.disk_size) {
-    char msg[256];
     snprintf (msg, sizeof msg,
-              "export size %" PRId64 " is smaller than disk_size %" PRIu64,
-              size, s->cfg.disk_size);
+              "%s: export size %" PRId64 " is smaller than disk_size %" PRIu64,
+              peer, size, s->cfg.disk_size);
     set_error (s, endpoint, 0, 0, 0, EINVAL, msg, "connect");
     nbd_close (h);
     return NULL;
@@ -988,13 +1056,13 @@ open_handle (struct worker *w, const char *uri, int endpoint)
 }
 
 static int
-connect_worker (struct worker *w)
+connect_worker (struct worker *w, char *why, size_t whylen)
 {
   bs_stream *s = w->s;
   uint64_t max_io = s->cfg.max_request, min_bs = 1;
   int64_t v;
 
-  w->src = open_handle (w, s->cfg.src_uri, BS_EP_SOURCE);
+  w->src = open_handle (w, s->cfg.src_uri, BS_EP_SOURCE, why, whylen);
   if (w->src == NULL)
     return -1;
   v = nbd_get_block_size (w->src, LIBNBD_SIZE_MAXIMUM);
@@ -1003,7 +1071,7 @@ connect_worker (struct worker *w)
   if (v > 0 && (uint64_t) v > min_bs)
     min_bs = v;
   if (s->cfg.dst_uri) {
-    w->dst = open_handle (w, s->cfg.dst_uri, BS_EP_DESTINATION);
+    w->dst = open_handle (w, s->cfg.dst_uri, BS_EP_DESTINATION, why, whylen);
     if (w->dst == NULL)
       return -1;
     if (nbd_is_read_only (w->dst) == 1) {
@@ -1061,7 +1129,8 @@ check_flush (struct worker *w)
     issue_failed (w, BS_EP_DESTINATION, OP_FLUSH, d, target - d);
     return;
   }
-  w->dst_cmds++;
+  if (w->dst_cmds++ == 0)
+    w->dst_last = now_s ();
 }
 
 /* After callbacks ran: turn a noted command failure into the stream error,
@@ -1125,6 +1194,47 @@ notify (struct worker *w, struct nbd_handle *h, int endpoint, short rev)
   }
 }
 
+/* No reply on a connection with commands outstanding for request_timeout
+ * seconds: the server (or the link) stalled.  Fail with the lowest request
+ * still waiting on that connection (or the flush's range). */
+static void
+check_stall (struct worker *w)
+{
+  bs_stream *s = w->s;
+  double now = now_s (), lim = s->cfg.request_timeout;
+  int ep = 0;
+
+  if (w->src && !w->src_dead && w->src_cmds > 0 && now - w->src_last > lim)
+    ep = BS_EP_SOURCE;
+  else if (w->dst && !w->dst_dead && w->dst_cmds > 0 &&
+           now - w->dst_last > lim)
+    ep = BS_EP_DESTINATION;
+  if (!ep)
+    return;
+  struct req *low = NULL;
+  int i;
+  for (i = 0; i < s->cfg.in_flight; i++) {
+    struct req *r = &w->slots[i];
+    if (r->busy && r->pending > 0 && (!low || r->off < low->off))
+      low = r;
+  }
+  char text[400], peer[300];
+  bs_uri_peer (ep == BS_EP_SOURCE ? s->cfg.src_uri : s->cfg.dst_uri, peer,
+               sizeof peer);
+  snprintf (text, sizeof text, "no reply from %s for %g s (request_timeout): "
+            "the server or the link stalled", peer, lim);
+  if (low)
+    set_error (s, ep, 1, low->off, low->len, ETIMEDOUT, text,
+               ep == BS_EP_SOURCE ? "read" : "write");
+  else {
+    uint64_t d = atomic_load (&s->durable);
+    pthread_mutex_lock (&s->mu);
+    uint64_t t = s->round_w > d ? s->round_w : d;
+    pthread_mutex_unlock (&s->mu);
+    set_error (s, ep, 1, d, t - d, ETIMEDOUT, text, "flush");
+  }
+}
+
 static int
 live_cmds (struct worker *w)
 {
@@ -1181,6 +1291,9 @@ worker_loop (struct worker *w)
       break;
     }
 
+    if (!stopping && s->cfg.request_timeout > 0)
+      check_stall (w);
+
     /* poll */
     struct pollfd fds[3];
     int nfds = 0, isrc = -1, idst = -1;
@@ -1229,12 +1342,70 @@ worker_loop (struct worker *w)
   }
 }
 
+/* Joins the copy: counted in the flush rounds from the next one on (it
+ * has written nothing the current round must cover).  0, or -1 when the
+ * stream is already stopping or finished. */
+static int
+join (struct worker *w)
+{
+  bs_stream *s = w->s;
+  int ok;
+  int mc = nbd_can_multi_conn (w->src) == 1 &&
+           (!w->dst || nbd_can_multi_conn (w->dst) == 1);
+  pthread_mutex_lock (&s->mu);
+  ok = atomic_load (&s->stop) == STOP_NONE &&
+       (w->idx == 0 || !atomic_load (&s->finished));
+  s->connected++;
+  if (ok) {
+    s->active++;
+    w->joined = 1;
+    w->flush_gen = atomic_load (&s->flush_gen);
+  }
+  if (w->idx == 0) {
+    s->multi_conn = mc;
+    s->primary = ok ? 1 : -1;
+    pthread_cond_broadcast (&s->cv);
+  }
+  pthread_mutex_unlock (&s->mu);
+  return ok ? 0 : -1;
+}
+
 static void *
 worker_main (void *arg)
 {
   struct worker *w = arg;
-  if (connect_worker (w) == 0)
-    worker_loop (w);
+  bs_stream *s = w->s;
+  char why[512] = "";
+
+  if (connect_worker (w, why, sizeof why) == 0) {
+    if (join (w) == 0)
+      worker_loop (w);
+    else
+      w->clean_exit = 1;
+    return NULL;
+  }
+  pthread_mutex_lock (&s->mu);
+  if (w->idx == 0) {
+    s->primary = -1;
+    pthread_cond_broadcast (&s->cv);
+  }
+  else if (!s->err.set) {
+    /* An extra pair the server did not accept: copy without it. */
+    s->dropped++;
+    if (!s->drop_reason[0])
+      snprintf (s->drop_reason, sizeof s->drop_reason, "%s", why);
+  }
+  pthread_mutex_unlock (&s->mu);
+  if (!s->err.set) {
+    /* nothing of this pair is left: it does not keep a cancelled
+     * stream from its final flush */
+    if (w->src)
+      nbd_close (w->src);
+    if (w->dst)
+      nbd_close (w->dst);
+    w->src = w->dst = NULL;
+    w->clean_exit = 1;
+  }
   return NULL;
 }
 
@@ -1317,29 +1488,148 @@ teardown_workers (bs_stream *s)
   s->zerobuf = NULL;
 }
 
-/* Flush every destination connection (sync), then publish. */
+/* Flush every destination connection at once and wait for all replies,
+ * at most request_timeout seconds without any reply.  -1 with s->err set. */
+static int
+flush_all (bs_stream *s, uint64_t w)
+{
+  int i, n = s->nworkers, left = 0;
+  int64_t *cookie = calloc (n ? n : 1, sizeof *cookie);
+  struct pollfd *fds = calloc (n ? n : 1, sizeof *fds);
+  double lim = s->cfg.request_timeout, last = now_s ();
+  uint64_t d = atomic_load (&s->durable);
+  int ret = 0;
+
+  if (!cookie || !fds) {
+    set_error (s, BS_EP_DESTINATION, 1, d, w - d, ENOMEM, "out of memory",
+               "flush");
+    ret = -1;
+    goto out;
+  }
+  for (i = 0; i < n; i++) {
+    struct worker *wk = &s->workers[i];
+    if (!wk->dst || !wk->dst_can_flush)
+      continue;
+    cookie[i] = nbd_aio_flush (wk->dst, NBD_NULL_COMPLETION, 0);
+    if (cookie[i] == -1) {
+      set_error (s, BS_EP_DESTINATION, 1, d, w - d, nbd_get_errno (),
+                 nbd_get_error (), "flush");
+      ret = -1;
+      goto out;
+    }
+    left++;
+  }
+  while (left > 0) {
+    int nf = 0, map[64];
+    for (i = 0; i < n; i++) {
+      struct worker *wk = &s->workers[i];
+      if (cookie[i] <= 0)
+        continue;
+      int r = nbd_aio_command_completed (wk->dst, cookie[i]);
+      if (r == -1) {
+        set_error (s, BS_EP_DESTINATION, 1, d, w - d, nbd_get_errno (),
+                   nbd_get_error (), "flush");
+        ret = -1;
+        goto out;
+      }
+      if (r == 1) {
+        cookie[i] = 0;
+        left--;
+        last = now_s ();
+        continue;
+      }
+      unsigned dir = nbd_aio_get_direction (wk->dst);
+      fds[nf].fd = nbd_aio_get_fd (wk->dst);
+      fds[nf].events = ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                       ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0);
+      fds[nf].revents = 0;
+      map[nf++] = i;
+    }
+    if (left == 0)
+      break;
+    if (lim > 0 && now_s () - last > lim) {
+      char text[400], peer[300];
+      bs_uri_peer (s->cfg.dst_uri, peer, sizeof peer);
+      snprintf (text, sizeof text, "no reply from %s for %g s "
+                "(request_timeout): the server or the link stalled",
+                peer, lim);
+      set_error (s, BS_EP_DESTINATION, 1, d, w - d, ETIMEDOUT, text,
+                 "flush");
+      ret = -1;
+      goto out;
+    }
+    int pr = poll (fds, nf, 200);
+    if (pr == -1 && errno != EINTR) {
+      set_error (s, BS_EP_NONE, 0, 0, 0, errno, strerror (errno), "poll");
+      ret = -1;
+      goto out;
+    }
+    for (i = 0; pr > 0 && i < nf; i++) {
+      struct nbd_handle *h = s->workers[map[i]].dst;
+      short rev = fds[i].revents;
+      if (rev & (POLLIN | POLLHUP | POLLERR))
+        nbd_aio_notify_read (h);
+      if (rev & POLLOUT)
+        nbd_aio_notify_write (h);
+      if (nbd_aio_is_dead (h) || nbd_aio_is_closed (h)) {
+        set_error (s, BS_EP_DESTINATION, 1, d, w - d, ENOTCONN,
+                   nbd_get_error () ? nbd_get_error () : "connection lost",
+                   "flush");
+        ret = -1;
+        goto out;
+      }
+    }
+  }
+ out:
+  free (cookie);
+  free (fds);
+  return ret;
+}
+
+/* Disconnect every handle politely, but never wait more than a moment for
+ * a server that does not answer (nbd_shutdown would wait for it). */
+static void
+disconnect_all (bs_stream *s)
+{
+  int i;
+  double until = now_s () + 2.0;
+  for (i = 0; i < s->nworkers; i++) {
+    struct worker *wk = &s->workers[i];
+    struct nbd_handle *hs[2] = { wk->src, wk->dst };
+    int k;
+    for (k = 0; k < 2; k++) {
+      struct nbd_handle *h = hs[k];
+      if (!h || nbd_aio_disconnect (h, 0) == -1)
+        continue;
+      while (!nbd_aio_is_closed (h) && !nbd_aio_is_dead (h) &&
+             now_s () < until) {
+        unsigned dir = nbd_aio_get_direction (h);
+        struct pollfd pf = { .fd = nbd_aio_get_fd (h), .events =
+          ((dir & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+          ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0) };
+        if (pf.fd < 0 || poll (&pf, 1, 100) == -1)
+          break;
+        if (pf.revents & (POLLIN | POLLHUP | POLLERR))
+          nbd_aio_notify_read (h);
+        if (pf.revents & POLLOUT)
+          nbd_aio_notify_write (h);
+      }
+    }
+  }
+}
+
+/* Flush every destination connection, then publish. */
 static int
 final_flush (bs_stream *s, bs_error *err)
 {
-  int i;
   uint64_t w;
 
   pthread_mutex_lock (&s->mu);
   w = watermark_locked (s);
   pthread_mutex_unlock (&s->mu);
-  if (s->cfg.dst_uri) {
-    for (i = 0; i < s->nworkers; i++) {
-      struct worker *wk = &s->workers[i];
-      if (!wk->dst || !wk->dst_can_flush)
-        continue;
-      if (nbd_flush (wk->dst, 0) == -1) {
-        uint64_t d = atomic_load (&s->durable);
-        set_error (s, BS_EP_DESTINATION, 1, d, w - d, nbd_get_errno (),
-                   nbd_get_error (), "flush");
-        *err = s->err;
-        return -1;
-      }
-    }
+  if (s->cfg.dst_uri && flush_all (s, w) == -1) {
+    *err = s->err;
+    return -1;
   }
   pthread_mutex_lock (&s->mu);
   publish_durable_locked (s, w);
@@ -1417,6 +1707,10 @@ bs_stream_run (bs_stream *s, uint8_t *manifest, size_t manifest_len,
     atomic_store (&s->finished, 1);
   pthread_mutex_unlock (&s->mu);
 
+  /* The first pair connects alone; the others only once it is copying
+   * (so a server that serves one client gives it to the first pair), in
+   * parallel with the copy: a pair the server refuses, or that does not
+   * complete its handshake within connect_timeout, is dropped. */
   for (i = 0; i < s->nworkers; i++) {
     int rc = pthread_create (&s->workers[i].tid, NULL, worker_main,
                              &s->workers[i]);
@@ -1426,6 +1720,15 @@ bs_stream_run (bs_stream *s, uint8_t *manifest, size_t manifest_len,
       break;
     }
     s->workers[i].started = 1;
+    if (i == 0) {
+      pthread_mutex_lock (&s->mu);
+      while (s->primary == 0)
+        pthread_cond_wait (&s->cv, &s->mu);
+      int up = s->primary == 1;
+      pthread_mutex_unlock (&s->mu);
+      if (!up)
+        break;
+    }
   }
   for (i = 0; i < s->nworkers; i++)
     if (s->workers[i].started)
@@ -1460,14 +1763,8 @@ bs_stream_run (bs_stream *s, uint8_t *manifest, size_t manifest_len,
     ret = BS_OK;
   }
 
-  if (ret != BS_FAILED && all_clean) {
-    for (i = 0; i < s->nworkers; i++) {
-      if (s->workers[i].src)
-        nbd_shutdown (s->workers[i].src, 0);
-      if (s->workers[i].dst)
-        nbd_shutdown (s->workers[i].dst, 0);
-    }
-  }
+  if (ret != BS_FAILED && all_clean)
+    disconnect_all (s);
 
   pthread_mutex_lock (&s->mu);
   s->running = 0;
