@@ -42,7 +42,7 @@ from temporalio.client import Client, WorkflowHandle
 
 import blockstream
 from connectors.base import ChangeExtent, ChangeSet
-from connectors.kvm.qemu import export_sha256
+from connectors.common.qemu import export_sha256
 from connectors.kvm.target import KvmTarget
 from temporal.devserver import DevServer, free_port, start_dev_server
 from tests.harness.dr import remove_domain
@@ -155,11 +155,15 @@ def test_transfer_mode_follows_the_sites() -> None:
     check_transfer("pull", "a", "b")
     with pytest.raises(ValueError, match="transfer"):
         ProtectionPolicy(rpo_seconds=60, transfer="sideways")  # type: ignore[arg-type]
-    # pull needs frozen exports that live from freeze to release: KVM sources only
-    check_pull_source("pull", PlatformInfo(name="k", kind=PlatformKind.KVM, site="a", config={}))
-    vmw = PlatformInfo(name="vc", kind=PlatformKind.VMWARE, site="a", config={})
+    # pull needs frozen exports that live from freeze to release: a source that declares
+    # serve_remote (KVM does, VMware does not)
+    from connectors.registry import source_for
+
+    check_pull_source("pull", source_for(
+        PlatformInfo(name="k", kind=PlatformKind.KVM, site="a", config={}), {}))
+    vmw = source_for(PlatformInfo(name="vc", kind=PlatformKind.VMWARE, site="a", config={}), {})
     check_pull_source("push", vmw)
-    with pytest.raises(PermanentError, match=r"'pull'.*'vc' is vmware.*'push'"):
+    with pytest.raises(PermanentError, match=r"'pull'.*'vc' \(vmware\) does not serve.*'push'"):
         check_pull_source("pull", vmw)
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from connectors.base import ConnectorError, PermanentError, Staging, Target
+from connectors.common.qemu import backing_path, export_sha256, processes_using, qcow2_header
 from connectors.kvm import domain as dx
-from connectors.kvm.qemu import backing_path, export_sha256, processes_using, qcow2_header
 from connectors.kvm.target import Busy, KvmTarget
 from tests.harness.libvirtd import traversable
 from transcend.models import (

@@ -1,4 +1,4 @@
-"""Small helpers around qemu-img and qemu-nbd for the KVM connector.
+"""Small helpers around qemu-img and qemu-nbd, shared by every connector that serves files.
 
 - ``run_qemu_img``: run qemu-img, turn its failures into ConnectorError subclasses
   carrying the command's stderr (``ImageLocked`` for lock conflicts, ``DiskFull``
