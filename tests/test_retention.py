@@ -216,7 +216,14 @@ def test_naive_datetimes_are_utc() -> None:
     assert ids(a[0]) == ids(b[0]) == ["p-2"]
 
 
-@pytest.mark.parametrize("text", ["", "all", "hourly 0h", "often 2d"])
+@pytest.mark.parametrize("text", ["", "all", "hourly 0h", "often 2d",
+                                  "all 4h, all 2h", "hourly 2d, every 1h for 1d",
+                                  "all 1d, daily 12h"])
 def test_policy_that_keeps_nothing_is_rejected(text: str) -> None:
     with pytest.raises(ValueError):
         RetentionPolicy.parse(text)
+
+
+def test_rules_that_keep_something_each_are_accepted() -> None:
+    for text in ("all 4h, hourly 2d, daily 2w", "all 1h, daily 1w", "every 15m for 6h, hourly 2d"):
+        assert len(RetentionPolicy.parse(text).rules) == len(text.split(","))

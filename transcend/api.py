@@ -24,6 +24,7 @@ from transcend.models import (
     Health,
     Instance,
     Model,
+    Name,
     PlatformInfo,
     ProtectionPolicy,
     ProtectionSpec,
@@ -86,14 +87,19 @@ def failback_id(protection: str) -> str:
 
 
 class HealthCheck(Model):
-    """How a test failover decides the recovered VM is up.
+    """How a recovered VM is judged up, from what its target platform says about it
+    (the target connector's ``HealthProbe``; ``capabilities.health`` lists what it has).
 
-    ``console``: the regex ``pattern`` appears on the VM's serial console.
+    ``console``: the regex ``pattern`` appears on the VM's console output.
+    ``agent``: the guest agent / tools report the guest up.
+    ``tcp``: a TCP connection to ``port`` at the VM's address succeeds, from a worker
+    of the target site.
     ``none``: the VM running is enough (RTO = time to a started VM).
     """
 
-    kind: Literal["console", "none"] = "console"
+    kind: Literal["console", "agent", "tcp", "none"] = "console"
     pattern: str = Field(default="", max_length=500)
+    port: int = Field(default=22, ge=1, le=65535, description="tcp: the port to probe")
     timeout_seconds: int = Field(default=600, ge=10, le=24 * 3600)
 
     @model_validator(mode="after")
@@ -160,7 +166,7 @@ class BootTier(Model):
 
 
 class TestFailoverInput(Model):
-    protection: str
+    protection: Name
     point_id: str | None = Field(default=None, description="default: the newest point")
     health: HealthCheck = Field(default_factory=lambda: HealthCheck(kind="none"))
     boot_order: list[BootTier] = Field(default_factory=list, description="groups: the tiers; "
@@ -247,7 +253,7 @@ class ReplicationInput(Model):
     ``protection`` alone resumes an existing one. ``carry`` is internal state handed over
     by continue-as-new."""
 
-    protection: str
+    protection: Name
     spec: ProtectionSpec | None = None
     carry: ReplicationCarry | None = None
 
@@ -321,7 +327,7 @@ class PolicyChange(Model):
 
 
 class CycleInput(Model):
-    protection: str
+    protection: Name
     force_resync: bool = False
     # The last cycle of a failover or migration: runs while the protection is
     # failing over, and may read a shut-off source (a migration shut it down first).
@@ -355,16 +361,23 @@ class StreamInput(Model):
 class StreamResult(Model):
     disk: str
     kind: ChangeKind
-    bytes_read: int
-    bytes_written: int
+    bytes_read: int = Field(description="read by every attempt (a killed attempt's as far "
+                                        "as its last progress record says)")
+    bytes_written: int = Field(description="written by every attempt: the disk's changed "
+                                           "data plus bytes_resent")
     bytes_zero: int
     bytes_skipped: int
     bytes_total: int
     seconds: float
     resumed_from: int = 0
     bytes_resent: int = Field(
-        default=0, description="bytes read again because an earlier attempt failed before "
-                               "they were durable (as counted by its last heartbeat)")
+        default=0, description="bytes moved again (written; read in a pull) because an "
+                               "earlier attempt failed before they were durable (as counted "
+                               "by its last progress record)")
+    attempt_bytes_read: int | None = Field(
+        default=None, description="read by the attempt that completed (None: a result of "
+                                  "an older worker, whose bytes_read was only that)")
+    attempt_bytes_written: int | None = None
     manifest_file: str
 
 
@@ -532,7 +545,7 @@ class FailoverInput(Model):
     """Fail a protection over to its target (``Failover``), or migrate it (``Migration``:
     planned, the source is shut down cleanly first and nothing it wrote is lost)."""
 
-    protection: str
+    protection: Name
     planned: bool = Field(default=False, description="set by the Migration workflow")
     point_id: str | None = Field(default=None, description="default: the newest point "
                                  "(after the final cycle)")
@@ -621,7 +634,11 @@ class FailedOverVm(Model):
     source_was_running: bool = True
     # failback progress: the failed-over VM's checkpoint the next pass starts from, and
     # whether the original's own changes after the point were already overwritten
-    failback_checkpoint: str = ""
+    failback_checkpoint: str = Field(default="", description="before per-disk checkpoints: "
+                                     "one token for every disk (records of older versions)")
+    failback_checkpoints: list[Checkpoint] = Field(
+        default_factory=list, description="the failed-over VM's tracking tokens the next "
+        "pass reads from (what its Source's new_checkpoints() returned)")
     original_synced: bool = False
 
 
@@ -673,7 +690,7 @@ class FailbackInput(Model):
     """Bring a failed-over protection home: sync the failed-over VM back into the
     original VM's disks (only what changed), then a planned migration back."""
 
-    protection: str
+    protection: Name
     migrate_now: bool = Field(default=True, description="shut the failed-over VM down and "
                               "migrate back after the first pass; else keep syncing until "
                               "the `migrate` signal")
@@ -720,6 +737,9 @@ class FailbackServed(Model):
     final: bool = False
     pass_id: str
     frozen: FrozenHandle
+    checkpoints: list[Checkpoint] = Field(
+        default_factory=list, description="the frozen instant's new tracking tokens, "
+        "recorded by the pull when its pass is written")
 
 
 class FailbackReleaseInput(Model):
@@ -774,3 +794,21 @@ class DrStateSignal(Model):
 
     state: ProtectionState
     reason: str = ""
+
+
+# Each workflow type's input model. A payload that does not validate as it fails the
+# workflow at once with a non-retryable ``InvalidInput`` naming the field
+# (transcend/converter.py), instead of failing its workflow task forever.
+# tests/test_workflow_input.py checks that every registered workflow is listed here.
+WORKFLOW_INPUTS: dict[str, type[Model]] = {
+    REPLICATION_WORKFLOW: ReplicationInput,
+    CYCLE_WORKFLOW: CycleInput,
+    VERIFY_WORKFLOW: VerifyInput,
+    BOOT_WORKFLOW: BootInput,
+    TEST_FAILOVER_WORKFLOW: TestFailoverInput,
+    RECOVER_VM_WORKFLOW: RecoverVmInput,
+    PRODUCTION_VM_WORKFLOW: ProductionVmInput,
+    FAILOVER_WORKFLOW: FailoverInput,
+    MIGRATION_WORKFLOW: FailoverInput,
+    FAILBACK_WORKFLOW: FailbackInput,
+}

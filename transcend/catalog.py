@@ -53,7 +53,6 @@ from transcend.models import (
     Checkpoint,
     Health,
     PlatformInfo,
-    PlatformKind,
     PlatformSpec,
     ProtectionPolicy,
     ProtectionSpec,
@@ -518,7 +517,7 @@ class Catalog:
     def _platform_info(row: _PlatformRow) -> PlatformInfo:
         return PlatformInfo(
             name=row.name,
-            kind=PlatformKind(row.kind),
+            kind=row.kind,
             site=row.site,
             config=json.loads(row.config_json),
         )
@@ -533,7 +532,7 @@ class Catalog:
             if row is None:
                 row = _PlatformRow(
                     name=spec.name,
-                    kind=spec.kind.value,
+                    kind=str(spec.kind),
                     site=spec.site,
                     config_json=config,
                     secret_enc=secret,
@@ -545,7 +544,7 @@ class Catalog:
                     "platform", spec.name, hint="pass replace=True (`--replace`) to update it"
                 )
             else:
-                row.kind, row.site, row.config_json = spec.kind.value, spec.site, config
+                row.kind, row.site, row.config_json = str(spec.kind), spec.site, config
                 row.secret_enc, row.updated_at = secret, now
             s.add(row)
             s.flush()

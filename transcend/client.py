@@ -27,6 +27,10 @@ def tls_config(s: Settings) -> TLSConfig | bool:
     )
 
 
+class TemporalUnreachable(RuntimeError):
+    """No Temporal frontend answers at the configured address; the message says what to do."""
+
+
 async def connect(
     s: Settings | None = None,
     *,
@@ -45,7 +49,7 @@ async def connect(
             interceptors=interceptors,
         )
     except RuntimeError as e:
-        raise RuntimeError(
+        raise TemporalUnreachable(
             f"cannot reach Temporal at {s.temporal_address} ({e}); start the dev server "
             "(`transcend server`) or set TRANSCEND_TEMPORAL_ADDRESS"
         ) from e

@@ -90,11 +90,12 @@ class EncryptionCodec(PayloadCodec):
 
 
 def data_converter(keys: Iterable[bytes]) -> DataConverter:
-    import dataclasses
+    """Pydantic JSON payloads (workflow inputs that do not validate fail their workflow:
+    transcend/converter.py), encrypted."""
+    from transcend.converter import TranscendPayloadConverter
 
-    from temporalio.contrib.pydantic import pydantic_data_converter
-
-    return dataclasses.replace(pydantic_data_converter, payload_codec=EncryptionCodec(list(keys)))
+    return DataConverter(payload_converter_class=TranscendPayloadConverter,
+                         payload_codec=EncryptionCodec(list(keys)))
 
 
 __all__ = ["EncryptionCodec", "data_converter", "default_converter", "load_or_create_keys"]

@@ -11,6 +11,7 @@ change; see docs/workflow-api.md.
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -29,7 +30,15 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
 
 
+#: A platform kind: a built-in connector's (PlatformKind) or a plugin's (connectors/registry.py).
+KindName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+                                description="the connector kind (kvm, vmware, ... or a plugin's)")]
+
+
 class PlatformKind(StrEnum):
+    """The kinds this package knows by name. The set is open: a plugin registers more
+    (connectors/registry.py), so models hold kinds as ``KindName`` strings."""
+
     KVM = "kvm"
     CLOUDSTACK = "cloudstack"
     VMWARE = "vmware"
@@ -48,7 +57,7 @@ class PlatformSpec(Model):
     never travels through workflow history: activities load it from the catalog."""
 
     name: Name
-    kind: PlatformKind
+    kind: KindName
     site: Name = "local"
     config: dict[str, Any] = Field(default_factory=dict, description="non-secret settings")
     secret: dict[str, str] = Field(default_factory=dict, description="credentials")
@@ -56,7 +65,7 @@ class PlatformSpec(Model):
 
 class PlatformInfo(Model):
     name: str
-    kind: PlatformKind
+    kind: KindName
     site: str
     config: dict[str, Any]
 
@@ -120,8 +129,22 @@ class RetentionPolicy(Model):
 
     @classmethod
     def parse(cls, text: str) -> RetentionPolicy:
-        """Parse ``"all 4h, hourly 2d, daily 2w"`` (also ``every 15m for 6h``)."""
-        return cls(rules=[_parse_rule(part) for part in text.split(",") if part.strip()])
+        """Parse ``"all 4h, hourly 2d, daily 2w"`` (also ``every 15m for 6h``). Each
+        rule must keep something no other keeps: two rules at one granularity (``all 4h,
+        all 2h``) claim the same points, and a coarser rule that keeps no longer than a
+        finer one keeps nothing of its own. (Only text is checked: a policy stored
+        before this rule still loads, and selection handles any rule set.)"""
+        rules = [_parse_rule(part) for part in text.split(",") if part.strip()]
+        by_every = sorted(rules, key=lambda r: r.every)
+        for a, b in itertools.pairwise(by_every):
+            name_a, name_b = _rule_text(a), _rule_text(b)
+            if a.every == b.every:
+                raise ValueError(f"retention rules {name_a!r} and {name_b!r} overlap: keep one "
+                                 "rule per granularity (e.g. 'all 4h, hourly 2d, daily 2w')")
+            if b.keep_for <= a.keep_for:
+                raise ValueError(f"retention rule {name_b!r} keeps nothing that {name_a!r} does "
+                                 "not already keep: a coarser rule must keep points longer")
+        return cls(rules=rules)
 
     def describe(self) -> str:
         return ", ".join(
@@ -149,6 +172,11 @@ def format_duration(seconds: float) -> str:
         if s >= size and s % size == 0:
             return f"{s // size}{unit}"
     return f"{s}s"
+
+
+def _rule_text(r: RetentionRule) -> str:
+    every = "all" if r.every == 0 else f"every {format_duration(r.every)} for"
+    return f"{every} {format_duration(r.keep_for)}"
 
 
 def _parse_rule(text: str) -> RetentionRule:
@@ -371,6 +399,43 @@ def replica_disks(workloads: list[Workload]) -> list[DiskInfo]:
             for w in workloads for d in w.disks]
 
 
+GuestFamily = Literal["kvm", "vmware", "hyperv", "nitro"]
+
+
+class Capabilities(Model):
+    """What a connector can do, declared by the connector and asked by the activities
+    (connectors/base.py, "Capabilities"). Activities never test a platform's kind."""
+
+    guest_family: GuestFamily = Field(
+        default="kvm", description="the drivers a guest needs to boot on this platform: kvm "
+        "(virtio: KVM, CloudStack, Nutanix AHV), vmware (pvscsi, vmxnet3), hyperv (Hyper-V "
+        "and Azure: hv_vmbus, hv_storvsc, hv_netvsc), nitro (AWS: nvme, ena)")
+    power: bool = Field(default=False, description="Source: state, shutdown and start of "
+                        "its VMs, also of instances its platform's target booted (PowerControl)")
+    direct_disks: bool = Field(default=False, description="Source: a shut-off VM's own disks "
+                               "as NBD exports, writable (DirectDisks): failback writes into "
+                               "them, its verify reads them")
+    serve_remote: bool = Field(default=False, description="Source: frozen disks served over "
+                               "TLS to a worker of another site (pull transfers, failback "
+                               "between sites)")
+    health: list[Literal["console", "agent", "tcp"]] = Field(
+        default_factory=list, description="Target: where a booted instance's health can be "
+        "read (HealthProbe): its console output, its guest agent, a TCP probe of its address")
+    tracking_at_boot: bool = Field(default=False, description="Target: a production boot "
+                                   "tracks every write from its first instruction, so a "
+                                   "failback copies only what changed")
+    write_granularity: int = Field(default=512, ge=512, le=4 << 20, description="Target: the "
+                                   "smallest unit it writes (bytes, a power of two); the "
+                                   "manifest's block size is never finer")
+
+    @field_validator("write_granularity")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"write_granularity must be a power of two, got {v}")
+        return v
+
+
 class BootSpec(Model):
     name: str
     network: str = Field(default="", description="target network; empty = isolated")
@@ -397,5 +462,10 @@ class Instance(Model):
     network: str = ""
     state: str = "running"
     tracking: str = Field(default="", description="checkpoint started at boot (production)")
+    tracking_checkpoints: list[Checkpoint] = Field(
+        default_factory=list,
+        description="per-disk change-tracking tokens taken before the first write of a "
+                    "production boot (connectors whose tokens are per disk, e.g. CBT "
+                    "changeIds); empty: every disk's token is ``tracking``")
     prepared: list[str] = Field(default_factory=list, description="what was done to the guest "
                                 "before its first boot (conversion, re-IP)")

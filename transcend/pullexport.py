@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 
 from connectors.base import ChangeExtent, ChangeSet, Frozen
-from connectors.kvm.qemu import NbdExport, TcpListen, serve_tcp
+from connectors.common.qemu import NbdExport, TcpListen, serve_tcp
 from transcend.config import Settings
 from transcend.models import ChangeSummary, DiskId, FrozenHandle, NbdEndpoint
 from transcend.nbdtls import RemoteExport, remote_export

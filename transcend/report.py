@@ -98,7 +98,7 @@ def topology_tree(platforms: Sequence[PlatformInfo], protections: Sequence[Prote
         members = sorted((p for p in platforms if p.site == site), key=lambda p: p.name)
         for i, plat in enumerate(members):
             last_plat = i == len(members) - 1
-            lines.append(f"{'└── ' if last_plat else '├── '}{plat.name} ({plat.kind.value})")
+            lines.append(f"{'└── ' if last_plat else '├── '}{plat.name} ({plat.kind})")
             indent = "    " if last_plat else "│   "
             entries: list[str] = []
             for prot in sorted(protections, key=lambda p: p.name):
@@ -536,12 +536,12 @@ def _topology_svg(platforms: Sequence[PlatformInfo], protections: Sequence[Prote
     for plat, bx in plat_boxes:
         parts.append(
             f'<g class="platform" data-platform="{_e(plat.name)}"><title>{_e(plat.name)} '
-            f"({_e(plat.kind.value)}, site {_e(plat.site)})</title>"
+            f"({_e(plat.kind)}, site {_e(plat.site)})</title>"
             f'<rect x="{_f(bx)}" y="{_f(box_top)}" width="{_PW}" height="{_PH}" rx="6"/>'
             f'<text class="platform-name" x="{_f(bx + _PW / 2)}" y="{_f(box_top + 20)}" '
             f'text-anchor="middle">{_e(_short(plat.name))}</text>'
             f'<text class="platform-kind" x="{_f(bx + _PW / 2)}" y="{_f(box_top + 37)}" '
-            f'text-anchor="middle">{_e(plat.kind.value)}</text></g>'
+            f'text-anchor="middle">{_e(plat.kind)}</text></g>'
         )
     defs = "".join(
         f'<marker id="arrow-{h}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '

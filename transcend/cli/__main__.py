@@ -1,0 +1,5 @@
+"""``python -m transcend.cli``."""
+
+from transcend.cli import entry
+
+entry()

@@ -1,0 +1,100 @@
+"""Commands for platforms: the dev server, platform definitions, their VMs."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from pydantic import ValidationError
+
+from connectors import registry
+from transcend.cli.common import (
+    _catalog,
+    _human_bytes,
+    _pairs,
+    fail,
+    main,
+)
+from transcend.models import PlatformSpec
+from transcend.validation import describe
+
+# ------------------------------------------------------------------ server
+
+
+@main.command()
+@click.option("--port", default=7233, show_default=True)
+@click.option("--ui-port", default=8233, show_default=True)
+def server(port: int, ui_port: int) -> None:
+    """Run the embedded Temporal dev server (SQLite file under $TRANSCEND_HOME)."""
+    from temporal.devserver import start_dev_server
+    from transcend.config import settings
+
+    s = start_dev_server(settings().home / "temporal.db", port=port, ui_port=ui_port)
+    click.echo(f"Temporal dev server on {s.address}; UI {s.ui_url}")
+    try:
+        s.process.wait()
+    except KeyboardInterrupt:
+        s.stop()
+
+
+# ------------------------------------------------------------------ platforms
+
+
+@main.group()
+def platform() -> None:
+    """Platforms: endpoints with credentials (kept encrypted in the catalog)."""
+
+
+@platform.command("add")
+@click.argument("name")
+@click.option("--kind", required=True,
+              help="the connector kind: a built-in one (kvm, vmware) or one a plugin registers")
+@click.option("--site", default="local", show_default=True)
+@click.option("--config", "config", multiple=True, help="KEY=VALUE (e.g. uri=qemu:///system)")
+@click.option("--secret", "secret", multiple=True, help="KEY=VALUE credential, stored encrypted")
+@click.option("--replace", is_flag=True)
+def platform_add(name: str, kind: str, site: str, config: tuple[str, ...],
+                 secret: tuple[str, ...], replace: bool) -> None:
+    try:
+        spec = PlatformSpec(name=name, kind=kind, site=site,
+                            config=_pairs(config, "--config"), secret=_pairs(secret, "--secret"))
+    except ValidationError as e:
+        fail(f"platform {name!r} not saved: {describe(e, PlatformSpec)}")
+        return
+    known = registry.known_kinds()
+    if kind not in known:
+        # Where the workers load a plugin this process does not, the kind is still valid:
+        # say so rather than refuse (the worker refuses it if nobody serves it).
+        click.echo(f"note: no connector for kind {kind!r} is loaded here (known: "
+                   f"{', '.join(known)}); the workers must load its plugin", err=True)
+    try:
+        info = _catalog().add_platform(spec, replace=replace)
+    except Exception as e:
+        fail(str(e))
+        return
+    click.echo(f"platform {info.name} ({info.kind}, site {info.site}) saved")
+
+
+@platform.command("list")
+def platform_list() -> None:
+    for p in _catalog().list_platforms():
+        click.echo(f"{p.name:20} {p.kind:10} site={p.site:10} {json.dumps(p.config)}")
+
+
+@main.command()
+@click.argument("platform_name")
+def workloads(platform_name: str) -> None:
+    """List the VMs a source platform offers."""
+    from connectors.registry import source_for
+
+    cat = _catalog()
+    try:
+        src = source_for(cat.get_platform(platform_name), cat.platform_secret(platform_name))
+        items = src.inventory()
+    except Exception as e:
+        fail(str(e))
+        return
+    for w in items:
+        disks = ", ".join(f"{d.id}:{_human_bytes(d.size)}" for d in w.disks)
+        click.echo(f"{w.name:24} {w.power_state:9} cpus={w.cpus} mem={w.memory_mib}MiB "
+                   f"fw={w.firmware} disks=[{disks}] id={w.ref.id}")
