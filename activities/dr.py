@@ -1,11 +1,12 @@
-"""Activities of failover, migration and failback (workflows/dr.py).
+"""Activities of failover and migration (workflows/dr.py); failback's are in
+activities/failback.py and activities/failback_sites.py.
 
 State changes go through the catalog's compare-and-set (``Catalog.transition``), so
 a request the protection's state does not allow is refused before anything changes,
-and a retried activity finds its own earlier write. Failback is KVM to KVM in this
-version: it reads the failed-over VM with the KVM source (pull-mode backup since the
-checkpoint its production boot created) and writes the original VM's own disks
-through qemu-nbd (connectors/kvm/writeback.py).
+and a retried activity finds its own earlier write. Platforms are reached only
+through the connector contract and its declared capabilities (connectors/base.py):
+power through ``PowerControl`` of the platform's Source, so any connector that
+declares ``power`` takes part.
 
 A consistency group fails over and back VM by VM (each VM is its own activity call,
 ``vm`` naming it); the record lists the VMs in boot order.
@@ -14,30 +15,19 @@ A consistency group fails over and back VM by VM (each VM is its own activity ca
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 from temporalio import activity
 from temporalio.client import ScheduleActionExecutionStartWorkflow, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-import blockstream
 from activities.context import ActivityContext, in_thread, permanent
 from activities.failover import boot_tiers
 from activities.points import guest_prep_for, reip_rules
-from connectors.base import PermanentError
-from connectors.kvm.qemu import export_sha256
-from connectors.kvm.source import KvmFrozen, KvmSource
-from connectors.kvm.writeback import DiskAccess, open_disks
+from connectors.base import PermanentError, PowerControl, require_power, vm_namespace
 from transcend.api import (
-    FailbackFinishInput,
-    FailbackInput,
-    FailbackPass,
-    FailbackSyncInput,
-    FailbackVerify,
     FailedOverVm,
     FailoverAbort,
     FailoverInput,
@@ -47,27 +37,22 @@ from transcend.api import (
     SourcePower,
     schedule_id,
 )
-from transcend.catalog import CatalogError
 from transcend.models import (
     BootSpec,
-    ChangeKind,
-    Checkpoint,
-    FreezeOptions,
     Instance,
+    PlatformInfo,
     ProtectionState,
     Workload,
 )
 
-GRANULARITY = 65536
-Mode = Literal["tracked", "hash-compare"]
 HEARTBEAT_EVERY = 2.0
 
 S = ProtectionState
 
 
 def tracking_protection(protection: str) -> str:
-    """The name the failed-over VM's checkpoints are kept under (``transcend.<this>.*``),
-    apart from the protection's own checkpoints on the original VM."""
+    """The name the failed-over VM's tracking is kept under (KVM: checkpoints
+    ``transcend.<this>.*``), apart from the protection's own on the original VM."""
     return f"failback-{protection}"
 
 
@@ -81,13 +66,16 @@ def record_of(ctx: ActivityContext, protection: str) -> FailoverRecord:
     return FailoverRecord.model_validate_json(data)
 
 
-def _kvm(ctx: ActivityContext, platform: str, role: str) -> KvmSource:
-    source = ctx.source(platform)
-    if not isinstance(source, KvmSource):
-        raise PermanentError(
-            f"the {role} platform {platform!r} is not KVM: powering VMs off and on and "
-            "failing back need KVM in this version")
-    return source
+def power_of(ctx: ActivityContext, platform: str, role: str) -> PowerControl:
+    """The platform's Source as a PowerControl, or a PermanentError naming what is missing."""
+    return require_power(ctx.source(platform), role)
+
+
+def same_endpoint(source: object, target: object, a: PlatformInfo, b: PlatformInfo) -> bool:
+    """Whether two platforms name the same VM namespace (one libvirt host registered
+    as source and target): then the recovered VM needs a name of its own. The
+    connectors say where their names live (``vm_namespace``)."""
+    return a.site == b.site and vm_namespace(source, a) == vm_namespace(target, b)
 
 
 class DrActivities:
@@ -118,13 +106,16 @@ class DrActivities:
                 source = cat.get_platform(rec.spec.source_platform)
                 target = cat.get_platform(rec.spec.target_platform)
                 tiers = boot_tiers(inp.protection, [w.name for w in rec.workloads], inp.boot_order)
-                same_host = (source.kind == target.kind and source.config.get("uri", "qemu:///system")
-                             == target.config.get("uri", "qemu:///system"))
+                same_host = same_endpoint(self.ctx.source(source.name), self.ctx.target(target.name),
+                                          source, target)
                 names = {wl.name: production_name(wl.name, inp.name, group=len(rec.workloads) > 1,
                                                   same_host=same_host)
                          for wl in rec.workloads}
                 if len(set(names.values())) != len(names):
                     raise PermanentError(f"two VMs would get the same name at the target: {names}")
+                if inp.planned:
+                    # A migration shuts the source down cleanly before its final cycle.
+                    power_of(self.ctx, rec.spec.source_platform, "source")
                 before = cat.transition(
                     inp.protection, [S.PROTECTING, S.PAUSED], S.FAILING_OVER, op,
                     _hint(rec.state))
@@ -141,11 +132,13 @@ class DrActivities:
         def run() -> None:
             with permanent():
                 rec = self.ctx.catalog.get_protection(a.protection)
-                source = _kvm(self.ctx, rec.spec.source_platform, "source")
-                for wl in rec.workloads:
-                    source.stop_leftover_paused(wl.ref.id)
-                for ref in a.restart_vms:
-                    source.power_on(ref)
+                source = self.ctx.source(rec.spec.source_platform)
+                if a.restart_vms or isinstance(source, PowerControl):
+                    power = require_power(source, "source")
+                    for wl in rec.workloads:
+                        power.settle(wl.ref.id)
+                    for ref in a.restart_vms:
+                        power.power_on(ref)
                 if rec.state == S.FAILING_OVER:
                     self.ctx.catalog.set_protection_state(a.protection, a.previous_state)
 
@@ -179,7 +172,8 @@ class DrActivities:
     async def power_off(self, p: SourcePower) -> bool:
         def run() -> bool:
             with permanent():
-                return _kvm(self.ctx, p.platform, "VM's").power_off(p.vm, p.timeout_seconds, p.force)
+                return power_of(self.ctx, p.platform, "VM's").power_off(
+                    p.vm, p.timeout_seconds, p.force)
 
         return await in_thread(run)
 
@@ -187,7 +181,7 @@ class DrActivities:
     async def power_on(self, p: SourcePower) -> None:
         def run() -> None:
             with permanent():
-                _kvm(self.ctx, p.platform, "VM's").power_on(p.vm)
+                power_of(self.ctx, p.platform, "VM's").power_on(p.vm)
 
         await in_thread(run)
 
@@ -253,280 +247,6 @@ class DrActivities:
             return FailoverRecord.model_validate_json(data) if data else None
 
         return await in_thread(run)
-
-    # ------------------------------------------------------------------ failback
-
-    @activity.defn(name="failback.check")
-    async def failback_check(self, inp: FailbackInput) -> FailoverRecord:
-        def run() -> FailoverRecord:
-            cat = self.ctx.catalog
-            with permanent():
-                rec = cat.get_protection(inp.protection)
-                if rec.state not in (S.FAILED_OVER, S.FAILING_BACK):
-                    raise ApplicationError(
-                        f"cannot fail back protection {inp.protection!r}: it is "
-                        f"{rec.state.value}; only a failed-over protection can fail back "
-                        "(`transcend failover` or `transcend migrate` first)",
-                        type="WrongState", non_retryable=True)
-                record = record_of(self.ctx, inp.protection)
-                _kvm(self.ctx, rec.spec.source_platform, "source")
-                _kvm(self.ctx, rec.spec.target_platform, "target")
-                cat.transition(inp.protection, [S.FAILED_OVER], S.FAILING_BACK, "fail back")
-            return record
-
-        return await in_thread(run)
-
-    @activity.defn(name="failback.abort")
-    async def failback_abort(self, protection: str) -> None:
-        def run() -> None:
-            with permanent():
-                prot = self.ctx.catalog.get_protection(protection)
-                source = _kvm(self.ctx, prot.spec.source_platform, "source")
-                for wl in prot.workloads:
-                    source.stop_leftover_paused(wl.ref.id)
-                if prot.state == S.FAILING_BACK:
-                    self.ctx.catalog.set_protection_state(protection, S.FAILED_OVER)
-
-        await in_thread(run)
-
-    @activity.defn(name="failback.sync")
-    async def failback_sync(self, inp: FailbackSyncInput) -> FailbackPass:
-        """One pass: the failed-over VM's changes since the last pass (the first pass
-        also the original VM's own changes after the failover point) written into the
-        original VM's disks; the original must be shut off."""
-        live: list[blockstream.Stream] = []
-        info = activity.info()
-        pass_id = f"{(info.workflow_run_id or 'local').replace('-', '')[-8:]}-{info.activity_id}"
-        try:
-            return await copy_with_progress(lambda: self._sync(inp, pass_id, live), live)
-        except blockstream.BlockstreamError as e:
-            raise ApplicationError(f"failback copy failed: {e}", type="StreamError") from e
-
-    def _sync(self, inp: FailbackSyncInput, pass_id: str,
-              live: list[blockstream.Stream]) -> FailbackPass:
-        cat = self.ctx.catalog
-        t0 = time.monotonic()
-        with permanent():
-            record = record_of(self.ctx, inp.protection)
-            fovm = _failed_over_vm(record, inp.vm)
-            prot = cat.get_protection(inp.protection)
-            original = _kvm(self.ctx, prot.spec.source_platform, "source")
-            failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
-            fo_wl = failed_over.workload(fovm.instance.id)
-            orig_wl = original_for_pass(original, fovm, len(fo_wl.disks))
-            orig_dirty, mode = self._original_changes(
-                record, fovm, group=len(prot.workloads) > 1, orig_wl=orig_wl, original=original,
-                pass_id=pass_id)
-            since_token = fovm.failback_checkpoint or fovm.instance.tracking
-            since = {d.id: Checkpoint(disk=d.id, token=since_token, identity=fo_wl.ref.id)
-                     for d in fo_wl.disks}
-            frozen = failed_over.freeze(tracking_protection(inp.protection), pass_id, [fo_wl],
-                                        since, FreezeOptions(offline_ok=True))
-            assert isinstance(frozen, KvmFrozen)  # one VM
-        result = FailbackPass(protection=inp.protection, vm=fovm.vm, final=inp.final, mode=mode)
-        try:
-            with open_disks(original, orig_wl.ref.id, readonly=False) as dsts:
-                for fo_disk, orig_disk, dst in zip(fo_wl.disks, orig_wl.disks, dsts, strict=True):
-                    src = frozen.export(fo_disk.id)
-                    alloc, dirty = failed_over_extents(frozen, fo_disk.id, src.uri, src.size)
-                    sync_disk(src.uri, src.size, alloc, dirty, orig_disk.id, dst, orig_dirty,
-                              result, live)
-            # The record first: a crash before the release leaves both checkpoints, and
-            # the retry reads from the new one (its bitmap already exists).
-            fovm.failback_checkpoint = frozen.handle.data["new_checkpoint"]
-            fovm.original_synced = True
-            cat.put_dr_record(inp.protection, record.model_dump_json())
-        except BaseException:
-            frozen.release(committed=False)
-            raise
-        frozen.release(committed=True)
-        result.checkpoint = fovm.failback_checkpoint
-        result.seconds = time.monotonic() - t0
-        return result
-
-    def _original_changes(self, record: FailoverRecord, fovm: FailedOverVm, *, group: bool,
-                          orig_wl: Workload, original: KvmSource, pass_id: str
-                          ) -> tuple[dict[str, list[tuple[int, int, int]]] | None, Mode]:
-        """What the original VM wrote after the point it was failed over from, from its
-        own change tracking; None (compare hashes instead) when that is unknown."""
-        if fovm.original_synced:
-            return {}, "tracked"
-        cat = self.ctx.catalog
-        latest = cat.latest_point(record.protection)
-        cps = cat.checkpoints(record.protection)
-        if group:  # a group's checkpoints are kept as <VM>/<disk>: this VM's, by its disks
-            prefix = f"{fovm.vm}/"
-            cps = {k.removeprefix(prefix): cp.model_copy(update={"disk": k.removeprefix(prefix)})
-                   for k, cp in cps.items() if k.startswith(prefix)}
-        if latest is None or latest.id != record.point_id or not cps:
-            # An older point was recovered: the original's checkpoint is newer than it.
-            return None, "hash-compare"
-        frozen = original.freeze(record.protection, f"fbread-{pass_id}", [orig_wl], cps,
-                                 FreezeOptions(offline_ok=True))
-        try:
-            if any(k != ChangeKind.INCREMENTAL for k in frozen.handle.kinds.values()):
-                return None, "hash-compare"
-            return {d.id: [(e.offset, e.length, 1) for e in frozen.changes(d.id).extents]
-                    for d in frozen.handle.disks}, "tracked"
-        finally:
-            # Not committed: the new checkpoint folds back into the protection's own, which
-            # keeps recording (the failback's writes too) for the protection's return.
-            frozen.release(committed=False)
-
-    @activity.defn(name="failback.verify")
-    async def failback_verify(self, protection: str) -> FailbackVerify:
-        """sha256 of every disk of both VMs (both shut off): proof before the original
-        becomes production again."""
-
-        def run() -> FailbackVerify:
-            with permanent():
-                record = record_of(self.ctx, protection)
-                prot = self.ctx.catalog.get_protection(protection)
-                original = _kvm(self.ctx, prot.spec.source_platform, "source")
-                failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
-                diffs, disks = [], 0
-                for v in record.vms:
-                    with open_disks(original, v.source_vm, readonly=True) as a, \
-                            open_disks(failed_over, v.instance.id, readonly=True) as b:
-                        for x, y in zip(a, b, strict=True):
-                            disks += 1
-                            hx, hy = export_sha256(x.uri), export_sha256(y.uri)
-                            if hx != hy:
-                                diffs.append(f"{v.vm} {x.disk}: original {hx[:16]} != "
-                                             f"failed-over {hy[:16]}")
-            return FailbackVerify(protection=protection, identical=not diffs,
-                                  detail="; ".join(diffs) or f"{disks} disk(s) identical")
-
-        return await in_thread(run)
-
-    @activity.defn(name="failback.finish")
-    async def failback_finish(self, inp: FailbackFinishInput) -> None:
-        """Remove (or keep, shut off) the failed-over VM, start the original, and hand
-        the protection back to replication (state PROTECTING)."""
-
-        def run() -> None:
-            cat = self.ctx.catalog
-            with permanent():
-                prot = cat.get_protection(inp.protection)
-                try:
-                    record = record_of(self.ctx, inp.protection)
-                except ApplicationError:
-                    if prot.state == S.PROTECTING:
-                        return  # a retry after the record was cleared
-                    raise
-                if not inp.keep_failed_over:
-                    target = self.ctx.target(prot.spec.target_platform)
-                    for v in reversed(record.vms):
-                        target.destroy(v.instance)
-                if inp.start_original:
-                    # In the failover's boot order; a group VM that never booted at the
-                    # target (a failover that stopped part-way) gets its original back too.
-                    source = _kvm(self.ctx, prot.spec.source_platform, "source")
-                    booted = [v.source_vm for v in record.vms]
-                    for ref in booted + [w.ref.id for w in prot.workloads if w.ref.id not in booted]:
-                        source.power_on(ref)
-                try:
-                    cat.clear_dr_record(inp.protection, state=S.PROTECTING)
-                except CatalogError as e:
-                    raise PermanentError(str(e)) from e
-
-        await in_thread(run)
-
-
-T = TypeVar("T")
-Extents = list[tuple[int, int, int]]
-
-
-async def copy_with_progress(fn: Callable[[], T], live: list[blockstream.Stream]) -> T:
-    """Run ``fn`` (which appends the streams it runs to ``live``) in a thread,
-    heartbeating the newest stream's progress; a cancelled activity cancels them."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
-    started = time.monotonic()
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=HEARTBEAT_EVERY)
-            if live:
-                p = live[-1].progress()
-                activity.heartbeat({"bytes_read": p.bytes_read, "bytes_written": p.bytes_written,
-                                    "bytes_total": p.bytes_total, "rate": p.rate,
-                                    "seconds": time.monotonic() - started})
-            else:
-                activity.heartbeat()
-        return task.result()
-    except asyncio.CancelledError:
-        for s in live:
-            s.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise
-
-
-def original_for_pass(original: KvmSource, fovm: FailedOverVm, disks: int) -> Workload:
-    """The original VM, checked to be shut off (or paused by an attempt of ours that
-    died reading its tracking) and to have as many disks as the failed-over one."""
-    orig_wl = original.workload(fovm.source_vm)
-    if orig_wl.power_state == "paused" and original.paused_by_us(orig_wl.ref.id):
-        pass  # an attempt that died while reading its tracking; taken over below
-    elif orig_wl.power_state != "shutoff":
-        raise PermanentError(
-            f"the original VM {orig_wl.name!r} is {orig_wl.power_state}; it must stay "
-            "shut off while the failback writes its disks")
-    if disks != len(orig_wl.disks):
-        raise PermanentError(
-            f"the failed-over VM has {disks} disks, the original {len(orig_wl.disks)}; "
-            "failback needs the same disks")
-    if fovm.original_synced and orig_wl.power_state == "paused":
-        original.stop_leftover_paused(orig_wl.ref.id)
-    return orig_wl
-
-
-def failed_over_extents(frozen: KvmFrozen, disk: str, uri: str, size: int
-                        ) -> tuple[Extents, Extents | None]:
-    """The failed-over disk's allocation, and (when its tracking covers the pass) what it
-    wrote since the last pass, as (offset, length, flags) from its frozen export."""
-    alloc = blockstream.block_status(uri, "base:allocation", disk_size=size)
-    if frozen.handle.kinds[disk] != ChangeKind.INCREMENTAL:
-        return alloc, None
-    return alloc, blockstream.block_status(uri, f"qemu:dirty-bitmap:backup-{disk}",
-                                           disk_size=size)
-
-
-def sync_disk(src_uri: str, size: int, alloc: Extents, dirty: Extents | None, orig_disk: str,
-              dst: DiskAccess, orig_dirty: dict[str, Extents] | None, result: FailbackPass,
-              live: list[blockstream.Stream]) -> None:
-    """Write one failed-over disk (``src_uri``) into the original's (``dst``): the union
-    of both sides' tracked changes, or every block whose hash differs where either
-    side's tracking is unknown."""
-    if dst.size != size:
-        raise PermanentError(
-            f"disk {orig_disk} of the original VM is {dst.size} bytes, the failed-over "
-            f"one {size}; resize the original to match, then fail back again")
-    if orig_dirty is not None and dirty is not None:
-        fo_bytes = sum(n for _, n, f in dirty if f & 1)
-        orig = orig_dirty.get(orig_disk, [])
-        extents = blockstream.plan_extents(alloc, [*dirty, *orig], disk_size=size,
-                                           granularity=GRANULARITY)
-        result.failed_over_bytes += fo_bytes
-        result.original_bytes += sum(n for _, n, _ in orig)
-        stream = blockstream.Stream(src_uri, dst.uri, extents, disk_size=size, hash="none")
-    else:
-        # Tracking unknown on one side: read both, write only blocks that differ.
-        result.mode = "hash-compare"
-        manifest = blockstream.zero_manifest(size, GRANULARITY)
-        hashing = blockstream.Stream(dst.uri, None, [blockstream.Extent(0, size)],
-                                     disk_size=size, manifest=manifest, block_size=GRANULARITY)
-        live.append(hashing)
-        hashing.run()
-        extents = [blockstream.Extent(o, n, bool(f & 2)) for o, n, f in alloc]
-        stream = blockstream.Stream(src_uri, dst.uri, extents, disk_size=size,
-                                    manifest=manifest, block_size=GRANULARITY, compare=True)
-    live.append(stream)
-    p = stream.run()
-    result.bytes_written += p.bytes_written
-    result.bytes_zeroed += p.bytes_zero
-    result.bytes_read += p.bytes_read
-    result.bytes_skipped += p.bytes_skipped
-    result.disk_size += size
-
 
 def production_name(vm: str, prefix: str, *, group: bool, same_host: bool) -> str:
     """A VM's name at the target: the request's name (a prefix for a group's VMs), else

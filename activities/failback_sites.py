@@ -1,6 +1,6 @@
 """Failback when the original VM and the failed-over VM are at different sites.
 
-On one site, ``failback.sync`` (activities/dr.py) reads the failed-over VM and
+On one site, ``failback.sync`` (activities/failback.py) reads the failed-over VM and
 writes the original's disks in one activity. Between sites no worker reaches
 both libvirt hosts, so a pass is three activities, each where its platform is:
 
@@ -28,20 +28,20 @@ from temporalio.exceptions import ApplicationError
 
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
-from activities.dr import (
-    DrActivities,
-    _failed_over_vm,
-    _kvm,
+from activities.dr import record_of, tracking_protection
+from activities.failback import (
     copy_with_progress,
+    disk_hashes,
+    failback_sides,
     failed_over_extents,
+    failed_over_vm,
+    original_changes,
     original_for_pass,
-    record_of,
+    pass_id_of_activity,
     sync_disk,
-    tracking_protection,
+    tracking_since,
 )
-from connectors.kvm.qemu import export_sha256
-from connectors.kvm.source import KvmFrozen
-from connectors.kvm.writeback import open_disks
+from connectors.base import PermanentError, capabilities_of, require_direct_disks
 from transcend import nbdtls, pullexport
 from transcend.api import (
     FailbackHashes,
@@ -50,7 +50,7 @@ from transcend.api import (
     FailbackServed,
     FailbackSyncInput,
 )
-from transcend.models import Checkpoint, FreezeOptions
+from transcend.models import FreezeOptions
 
 
 def _staged(pass_id: str) -> str:
@@ -61,28 +61,25 @@ def _staged(pass_id: str) -> str:
 class FailbackSiteActivities:
     def __init__(self, ctx: ActivityContext) -> None:
         self.ctx = ctx
-        self._dr = DrActivities(ctx)
 
     @activity.defn(name="failback.serve")
     async def serve(self, inp: FailbackSyncInput) -> FailbackServed:
-        info = activity.info()
-        pass_id = f"{(info.workflow_run_id or 'local').replace('-', '')[-8:]}-{info.activity_id}"
-        return await in_thread(self._serve, inp, pass_id)
+        return await in_thread(self._serve, inp, pass_id_of_activity())
 
     def _serve(self, inp: FailbackSyncInput, pass_id: str) -> FailbackServed:
         cat = self.ctx.catalog
         with permanent():
             record = record_of(self.ctx, inp.protection)
-            fovm = _failed_over_vm(record, inp.vm)
-            prot = cat.get_protection(inp.protection)
-            failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
+            fovm = failed_over_vm(record, inp.vm)
+            _, failed_over = failback_sides(self.ctx, inp.protection)
+            if not capabilities_of(failed_over).serve_remote:
+                raise PermanentError(
+                    f"the target platform {failed_over.info.name!r} cannot serve its disks to "
+                    "another site (its connector does not offer serve_remote): fail back "
+                    "with a worker that reaches both platforms")
             fo_wl = failed_over.workload(fovm.instance.id)
-            since_token = fovm.failback_checkpoint or fovm.instance.tracking
-            since = {d.id: Checkpoint(disk=d.id, token=since_token, identity=fo_wl.ref.id)
-                     for d in fo_wl.disks}
             frozen = failed_over.freeze(tracking_protection(inp.protection), pass_id, [fo_wl],
-                                        since, FreezeOptions(offline_ok=True))
-            assert isinstance(frozen, KvmFrozen)  # one VM
+                                        tracking_since(fovm, fo_wl), FreezeOptions(offline_ok=True))
         try:
             for d in fo_wl.disks:
                 src = frozen.export(d.id)
@@ -100,7 +97,8 @@ class FailbackSiteActivities:
             cat.drop_staged_manifests(inp.protection, _staged(pass_id))
             raise
         return FailbackServed(protection=inp.protection, vm=fovm.vm, final=inp.final,
-                              pass_id=pass_id, frozen=frozen.handle)
+                              pass_id=pass_id, frozen=frozen.handle,
+                              checkpoints=frozen.new_checkpoints())
 
     @activity.defn(name="failback.pull")
     async def pull(self, served: FailbackServed) -> FailbackPass:
@@ -122,17 +120,18 @@ class FailbackSiteActivities:
         handle = served.frozen
         with permanent():
             record = record_of(self.ctx, served.protection)
-            fovm = _failed_over_vm(record, served.vm)
+            fovm = failed_over_vm(record, served.vm)
             prot = cat.get_protection(served.protection)
-            original = _kvm(self.ctx, prot.spec.source_platform, "source")
+            original = self.ctx.source(prot.spec.source_platform)
+            direct = require_direct_disks(original, "source")
             orig_wl = original_for_pass(original, fovm, len(handle.disks))
-            orig_dirty, mode = self._dr._original_changes(
-                record, fovm, group=len(prot.workloads) > 1, orig_wl=orig_wl, original=original,
-                pass_id=served.pass_id)
+            orig_dirty, mode = original_changes(
+                self.ctx, record, fovm, group=len(prot.workloads) > 1, orig_wl=orig_wl,
+                original=original, pass_id=served.pass_id)
         result = FailbackPass(protection=served.protection, vm=fovm.vm, final=served.final,
                               mode=mode)
         staged = _staged(served.pass_id)
-        with open_disks(original, orig_wl.ref.id, readonly=False) as dsts:
+        with direct.open_disks(orig_wl.ref.id, readonly=False) as dsts:
             for fo_disk, orig_disk, dst in zip(handle.disks, orig_wl.disks, dsts, strict=True):
                 with permanent():
                     src = nbdtls.with_local_credentials(handle.remote[fo_disk.id].uri,
@@ -147,10 +146,10 @@ class FailbackSiteActivities:
                           result, live)
         # Recorded before the target site releases the backup: a crash in between
         # leaves both checkpoints there, and the next pass reads from the new one.
-        fovm.failback_checkpoint = handle.data["new_checkpoint"]
+        fovm.failback_checkpoints = served.checkpoints
         fovm.original_synced = True
         cat.put_dr_record(served.protection, record.model_dump_json())
-        result.checkpoint = fovm.failback_checkpoint
+        result.checkpoint = ",".join(sorted({cp.token for cp in served.checkpoints}))
         result.seconds = time.monotonic() - t0
         return result
 
@@ -160,8 +159,9 @@ class FailbackSiteActivities:
             served = inp.served
             pullexport.stop_frozen(self.ctx.settings, served.frozen)
             prot = self.ctx.catalog.get_protection(served.protection)
-            failed_over = _kvm(self.ctx, prot.spec.target_platform, "target")
-            failed_over.reopen(served.frozen).release(committed=inp.committed)
+            frozen = self.ctx.source(prot.spec.target_platform).reopen(served.frozen)
+            frozen.release(committed=inp.committed)
+            frozen.close()
             self.ctx.catalog.drop_staged_manifests(served.protection, _staged(served.pass_id))
 
         await in_thread(run)
@@ -176,12 +176,10 @@ class FailbackSiteActivities:
                 prot = self.ctx.catalog.get_protection(protection)
                 original = side == "original"
                 platform = prot.spec.source_platform if original else prot.spec.target_platform
-                kvm = _kvm(self.ctx, platform, "source" if original else "target")
+                source = self.ctx.source(platform)
                 out = FailbackHashes(side="original" if original else "failed-over")
                 for v in record.vms:
-                    with open_disks(kvm, v.source_vm if original else v.instance.id,
-                                    readonly=True) as disks:
-                        out.disks[v.vm] = [(d.disk, export_sha256(d.uri)) for d in disks]
+                    out.disks[v.vm] = disk_hashes(source, v.source_vm if original else v.instance.id)
             return out
 
         return await in_thread(run)

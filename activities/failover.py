@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.context import ActivityContext, in_thread, permanent
+from connectors.base import HealthProbe, capabilities_of, health_probe
 from transcend.api import BootTier, DestroyInput, HealthInput, RtoSample, TestFailoverInput
 from transcend.models import ProtectionState, RecoveryPoint
 from transcend.telemetry import record_rto
@@ -71,24 +72,33 @@ class FailoverActivities:
 
     @activity.defn(name="instance.health")
     async def health(self, inp: HealthInput) -> datetime:
-        """Wait until the recovered VM passes its health check; returns when it did."""
+        """Wait until the recovered VM passes its health check, asking its target
+        platform (``HealthProbe``); returns when it did."""
         if inp.health.kind == "none":
             return datetime.now(UTC)
-        pattern = re.compile(inp.health.pattern, re.MULTILINE)
-        log = Path(inp.instance.console_log)
+        with permanent():
+            target = self.ctx.target(inp.instance.platform)
+            probe = health_probe(target)
+            kind = inp.health.kind
+            if probe is None or kind not in capabilities_of(target).health:
+                raise ApplicationError(
+                    f"health check {kind!r} is not offered by platform {inp.instance.platform!r} "
+                    f"(it offers: {', '.join(capabilities_of(target).health) or 'none'}); "
+                    "choose one of those or kind 'none'",
+                    type="HealthCheckUnsupported", non_retryable=True)
         deadline = time.monotonic() + inp.health.timeout_seconds
+        last = ""
         while True:
-            text = await asyncio.to_thread(_read_text, log)
-            if pattern.search(text):
+            ok, last = await asyncio.to_thread(_probe_once, probe, inp)
+            if ok:
                 return datetime.now(UTC)
             if time.monotonic() > deadline:
                 raise ApplicationError(
-                    f"health check failed: {inp.health.pattern!r} did not appear on the console "
-                    f"of {inp.instance.name} within {inp.health.timeout_seconds} s; console tail:\n"
-                    f"{text[-1500:]}",
+                    f"health check failed: {_what(inp)} for {inp.instance.name} not within "
+                    f"{inp.health.timeout_seconds} s; {last}",
                     type="HealthCheckFailed", non_retryable=True,
                 )
-            activity.heartbeat(len(text))
+            activity.heartbeat(len(last))
             await asyncio.sleep(CONSOLE_POLL_SECONDS)
 
     @activity.defn(name="instance.destroy")
@@ -122,8 +132,25 @@ def boot_tiers(protection: str, vms: list[str], boot_order: list[BootTier]) -> l
     return boot_order
 
 
-def _read_text(path: Path) -> str:
+def _what(inp: HealthInput) -> str:
+    h = inp.health
+    return {"console": f"{h.pattern!r} on the console", "agent": "the guest agent ready",
+            "tcp": f"a TCP connection to port {h.port}"}.get(h.kind, h.kind)
+
+
+def _probe_once(probe: HealthProbe, inp: HealthInput) -> tuple[bool, str]:
+    """One look: (passed, what was seen, for the failure message)."""
+    h = inp.health
+    if h.kind == "console":
+        text = probe.console_text(inp.instance)
+        return bool(re.search(h.pattern, text, re.MULTILINE)), f"console tail:\n{text[-1500:]}"
+    if h.kind == "agent":
+        return probe.agent_ready(inp.instance), "the guest agent did not answer"
+    address = probe.address(inp.instance)
+    if not address:
+        return False, "the platform reports no address for it"
     try:
-        return path.read_bytes().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
+        with socket.create_connection((address, h.port), timeout=3):
+            return True, ""
+    except OSError as e:
+        return False, f"{address}:{h.port}: {e}"

@@ -18,35 +18,52 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 from connectors.base import PermanentError, Source, Target
-from transcend.models import PlatformInfo, PlatformKind
+from transcend.models import PlatformInfo
 
 SourceFactory = Callable[[PlatformInfo, dict[str, str]], Source]
 TargetFactory = Callable[[PlatformInfo, dict[str, str]], Target]
 
-#: Kinds implemented in this package; plugins may not register these.
-BUILTIN: frozenset[PlatformKind] = frozenset({PlatformKind.KVM, PlatformKind.VMWARE})
+#: Kinds implemented in this package, as (source class, target class) import paths:
+#: imported on first use, so a site without pyvmomi still runs its KVM connector.
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "kvm": ("connectors.kvm.source:KvmSource", "connectors.kvm.target:KvmTarget"),
+    "vmware": ("connectors.vmware.source:VmwareSource", "connectors.vmware.target:VmwareTarget"),
+}
+#: Kinds plugins may not register.
+BUILTIN: frozenset[str] = frozenset(_BUILTIN)
 PLUGINS_ENV = "TRANSCEND_PLUGINS"
+_KIND = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
-_sources: dict[PlatformKind, SourceFactory] = {}
-_targets: dict[PlatformKind, TargetFactory] = {}
+_sources: dict[str, SourceFactory] = {}
+_targets: dict[str, TargetFactory] = {}
 _loaded: set[str] = set()
 _lock = threading.Lock()
 _env_loaded = False
 
 
-def register(kind: PlatformKind | str, source_factory: SourceFactory | None = None,
+def _kind(kind: str) -> str:
+    k = str(kind)
+    if not _KIND.match(k):
+        raise ValueError(f"platform kind {k!r} must be lower-case letters, digits, '-' or '_' "
+                         "(at most 32, starting with a letter)")
+    return k
+
+
+def register(kind: str, source_factory: SourceFactory | None = None,
              target_factory: TargetFactory | None = None) -> None:
     """Make ``kind`` available as a source and/or a target. A factory is called as
     ``factory(info, secret)`` for every activity that needs the platform (like the
     built-in classes). Registering the same factory again is a no-op; another one for a
     kind already registered, or any for a built-in kind, is a ValueError."""
-    k = PlatformKind(kind)
+    k = _kind(kind)
     if k in BUILTIN:
-        raise ValueError(f"platform kind {k.value!r} is built in; a plugin cannot replace it")
+        raise ValueError(f"platform kind {k!r} is built in; a plugin cannot replace it")
     if source_factory is None and target_factory is None:
         raise ValueError("register() needs a source factory, a target factory or both")
     with _lock:
@@ -56,7 +73,7 @@ def register(kind: PlatformKind | str, source_factory: SourceFactory | None = No
                 continue
             current = table.get(k)
             if current is not None and current is not factory:
-                raise ValueError(f"a {role} connector for {k.value!r} is already registered "
+                raise ValueError(f"a {role} connector for {k!r} is already registered "
                                  f"({getattr(current, '__qualname__', current)!r})")
         if source_factory is not None:
             _sources[k] = source_factory
@@ -64,9 +81,9 @@ def register(kind: PlatformKind | str, source_factory: SourceFactory | None = No
             _targets[k] = target_factory
 
 
-def unregister(kind: PlatformKind | str) -> None:
+def unregister(kind: str) -> None:
     """Forget a plugin kind (tests)."""
-    k = PlatformKind(kind)
+    k = _kind(kind)
     with _lock:
         _sources.pop(k, None)
         _targets.pop(k, None)
@@ -101,50 +118,49 @@ def _ensure_env_plugins() -> None:
         load_plugins(plugin_modules_from_env())
 
 
-_BUILTIN_SOURCES = {PlatformKind.KVM.value, PlatformKind.VMWARE.value}
-_BUILTIN_TARGETS = {PlatformKind.KVM.value, PlatformKind.VMWARE.value}
+def known_kinds() -> dict[str, tuple[bool, bool]]:
+    """Every kind this process can serve: kind -> (has a source, has a target)."""
+    _ensure_env_plugins()
+    kinds = {k: (True, True) for k in _BUILTIN}
+    for k in set(_sources) | set(_targets):
+        kinds[k] = (k in _sources, k in _targets)
+    return dict(sorted(kinds.items()))
 
 
-def _supported(table: dict[PlatformKind, SourceFactory] | dict[PlatformKind, TargetFactory],
-               builtin: set[str]) -> str:
-    return ", ".join(sorted(builtin | {k.value for k in table}))
+def _builtin_class(kind: str, role: int) -> Any:
+    module, _, name = _BUILTIN[kind][role].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _supported(role: int) -> str:
+    return ", ".join(k for k, roles in known_kinds().items() if roles[role])
 
 
 def source_for(info: PlatformInfo, secret: dict[str, str]) -> Source:
-    if info.kind == PlatformKind.KVM:
-        from connectors.kvm.source import KvmSource
-
-        return KvmSource(info, secret)
-    if info.kind == PlatformKind.VMWARE:
-        from connectors.vmware.source import VmwareSource
-
-        return VmwareSource(info, secret)
-    if info.kind not in _sources:
+    kind = str(info.kind)
+    if kind in _BUILTIN:
+        return cast(Source, _builtin_class(kind, 0)(info, secret))
+    if kind not in _sources:
         _ensure_env_plugins()
-    factory = _sources.get(info.kind)
+    factory = _sources.get(kind)
     if factory is not None:
         return factory(info, secret)
     raise PermanentError(
-        f"platform {info.name!r} is of kind {info.kind.value!r}, which has no source "
-        f"connector in this version (supported as source: {_supported(_sources, _BUILTIN_SOURCES)})"
+        f"platform {info.name!r} is of kind {kind!r}, which has no source "
+        f"connector in this version (supported as source: {_supported(0)})"
     )
 
 
 def target_for(info: PlatformInfo, secret: dict[str, str]) -> Target:
-    if info.kind == PlatformKind.KVM:
-        from connectors.kvm.target import KvmTarget
-
-        return KvmTarget(info, secret)
-    if info.kind == PlatformKind.VMWARE:
-        from connectors.vmware.target import VmwareTarget
-
-        return VmwareTarget(info, secret)
-    if info.kind not in _targets:
+    kind = str(info.kind)
+    if kind in _BUILTIN:
+        return cast(Target, _builtin_class(kind, 1)(info, secret))
+    if kind not in _targets:
         _ensure_env_plugins()
-    factory = _targets.get(info.kind)
+    factory = _targets.get(kind)
     if factory is not None:
         return factory(info, secret)
     raise PermanentError(
-        f"platform {info.name!r} is of kind {info.kind.value!r}, which has no target "
-        f"connector in this version (supported as target: {_supported(_targets, _BUILTIN_TARGETS)})"
+        f"platform {info.name!r} is of kind {kind!r}, which has no target "
+        f"connector in this version (supported as target: {_supported(1)})"
     )

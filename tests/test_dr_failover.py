@@ -271,7 +271,6 @@ async def _unplanned(guest_image: GuestImage, stack: Stack, tmp_path: Path, vm: 
         assert [(r.name, r.ok, r.exit_code, r.timed_out) for r in done.steps] == [
             ("pre", True, 0, False), ("post", False, 3, False), ("slow", False, None, True)]
         assert done.steps[1].stdout.strip() == f"up: {vm}-dr" and "degraded" in done.steps[1].stderr
-        assert 2 <= done.steps[2].seconds < 30
         diverged = check_contiguous(read_records(disk))
         assert diverged > at_point, "the source wrote after the point (what failback must undo)"
         m = wait_for_console(done.instance.console_log, BOOTED, BOOT_TIMEOUT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,9 +18,12 @@ import pytest
 import blockstream
 from connectors import registry
 from connectors.base import PermanentError
-from tests.harness import synthetic
+from tests.harness import replay, synthetic
 from tests.harness.protect import protection_spec, start_protection, status, sync_now, wait_first_point
 from tests.harness.stack import REPO, transcend_stack
+from transcend.api import ReplicationStatus
+from transcend.catalog import Catalog
+from transcend.client import codec_keys
 from transcend.models import (
     ChangeKind,
     FreezeOptions,
@@ -30,6 +34,7 @@ from transcend.models import (
     PointMeta,
     RecoveryPoint,
 )
+from transcend.secrets import SecretBox
 
 
 def info(kind: PlatformKind, config: dict[str, Any] | None = None, name: str = "p") -> PlatformInfo:
@@ -82,6 +87,38 @@ def test_plugins_from_environment(nutanix_plugin: str, monkeypatch: pytest.Monke
         registry.target_for(info(PlatformKind.NUTANIX), {})
 
 
+def test_a_plugin_kind_need_not_be_known_to_this_package(tmp_path: Path) -> None:
+    """Kinds are open: a plugin's own kind is registered, listed, stored in the catalog
+    and read back as it was; a malformed one is refused before anything is stored."""
+
+    class AcmeSource:
+        def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
+            self.info = info
+
+    registry.register("acme-cloud", AcmeSource)  # type: ignore[arg-type]
+    try:
+        assert registry.known_kinds()["acme-cloud"] == (True, False)
+        assert registry.known_kinds()["kvm"] == (True, True)
+        src = registry.source_for(PlatformInfo(name="a", kind="acme-cloud", site="local",
+                                               config={}), {})
+        assert isinstance(src, AcmeSource)
+        with pytest.raises(PermanentError, match=r"supported as target: .*kvm"):
+            registry.target_for(PlatformInfo(name="a", kind="acme-cloud", site="local", config={}), {})
+        cat = Catalog(f"sqlite:///{tmp_path}/catalog.sqlite", SecretBox([SecretBox.generate_key()]))
+        try:
+            cat.add_platform(PlatformSpec(name="acme-1", kind="acme-cloud", config={"x": "1"}))
+            assert cat.get_platform("acme-1").kind == "acme-cloud"
+            with pytest.raises(ValueError, match="kind"):
+                PlatformSpec(name="bad", kind="Acme Cloud")
+            assert [p.name for p in cat.list_platforms()] == ["acme-1"]
+        finally:
+            cat.close()
+    finally:
+        registry.unregister("acme-cloud")
+    with pytest.raises(ValueError, match="lower-case"):
+        registry.register("Acme", AcmeSource)  # type: ignore[arg-type]
+
+
 def test_bad_plugin_module_is_named() -> None:
     with pytest.raises(RuntimeError, match="no_such_plugin_module"):
         registry.load_plugins(["no_such_plugin_module"])
@@ -131,8 +168,14 @@ def test_synthetic_data_path(tmp_path: Path) -> None:
         assert not list((tmp_path / "src" / "snap").iterdir())  # released
 
 
+# Set to a directory (tests/histories/<version>) to keep this test's histories as
+# replay fixtures for the versions after it.
+RECORD_ENV = "TRANSCEND_RECORD_HISTORIES"
+
+
 def test_synthetic_protection_in_a_real_worker(tmp_path: Path) -> None:
-    """The worker process loads the plugin (TRANSCEND_PLUGINS) and runs real cycles."""
+    """The worker process loads the plugin (TRANSCEND_PLUGINS) and runs real cycles; its
+    workflows' histories replay."""
     with synthetic.synthetic_servers(tmp_path / "data") as srv, \
             transcend_stack(tmp_path / "home", workers=0) as stack:
         stack.env["TRANSCEND_PLUGINS"] = "tests.harness.synthetic"
@@ -151,7 +194,19 @@ def test_synthetic_protection_in_a_real_worker(tmp_path: Path) -> None:
             st = await sync_now(handle, timeout=120)
             assert st.cycles_failed == 0, (st.last_error, stack.worker_log_tail())
             assert (await status(handle)).cycles_ok == 2
-            await handle.terminate("test done")
+            # the operator's updates, so that their code paths are in the histories
+            await handle.execute_update("pause", result_type=ReplicationStatus)
+            await handle.execute_update("resume", result_type=ReplicationStatus)
+            await handle.execute_update("remove", result_type=ReplicationStatus)
+            await handle.result()
+            # Every history this version wrote replays with this version's code (the
+            # determinism check; tests/test_replay.py replays older versions' histories).
+            histories = await replay.fetch_all(client)
+            assert {h.workflow_id.split("/")[0] for h in histories} >= {"replication", "cycle"}, \
+                [h.workflow_id for h in histories]
+            await replay.replay(histories, codec_keys(stack.settings))
+            if os.environ.get(RECORD_ENV):
+                replay.record(histories, codec_keys(stack.settings)[0], Path(os.environ[RECORD_ENV]))
 
         asyncio.run(run())
         point = cat.latest_point("syn-1")

@@ -28,6 +28,7 @@ import re
 import shutil
 import time
 import xml.etree.ElementTree as ET
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from hashlib import sha1
 from pathlib import Path
@@ -40,11 +41,13 @@ from connectors.base import (
     ChangeExtent,
     ChangeSet,
     ConnectorError,
+    DiskAccess,
     NotFound,
     PermanentError,
 )
 from connectors.kvm.domain import domain_disks
 from transcend.models import (
+    Capabilities,
     ChangeKind,
     ChangeSummary,
     Checkpoint,
@@ -180,6 +183,15 @@ class KvmSource:
         from transcend.config import settings
 
         self.work_dir = Path(info.config.get("work_dir") or settings().home / "kvm-source")
+
+    #: Pull transfers and failback between sites serve frozen disks (transcend/pullexport.py);
+    #: power through libvirt; a shut-off domain's images opened with our own qemu-nbd.
+    capabilities = Capabilities(guest_family="kvm", power=True, direct_disks=True,
+                                serve_remote=True)
+
+    def vm_namespace(self) -> str:
+        """Domain names live in the libvirt daemon this URI reaches."""
+        return f"libvirt:{self.uri}"
 
     # ------------------------------------------------------------------ inventory
 
@@ -452,6 +464,17 @@ class KvmSource:
 
     # ------------------------------------------------------------------ power
 
+    def power_state(self, ref: str) -> str:
+        return self.workload(ref).power_state
+
+    def settle(self, ref: str) -> None:
+        self.stop_leftover_paused(ref)
+
+    def open_disks(self, ref: str, *, readonly: bool) -> AbstractContextManager[list[DiskAccess]]:
+        from connectors.kvm.writeback import open_disks
+
+        return open_disks(self, ref, readonly=readonly)
+
     def power_off(self, ref: str, timeout_seconds: float, force: bool) -> bool:
         """Shut the VM down cleanly (ACPI power button) and wait until it is off; power it
         off when ``force`` and it did not stop in time. Returns whether it was running."""
@@ -500,6 +523,62 @@ class KvmSource:
                         f"starting VM {dom.name()!r} failed: {e.get_error_message()}") from e
         finally:
             conn.close()
+
+    # ------------------------------------------------------------------ forget
+
+    def forget(self, protection: str, workloads: list[Workload]) -> list[str]:
+        """Remove what ``protection`` made on these domains: a backup job (freeze) still
+        held, its checkpoints with their persistent dirty bitmaps, a domain it left
+        started paused, its work files. Checkpoints of other protections of the same
+        domain are not touched: since libvirt 6.5 every checkpoint's bitmap is active
+        and records from its creation on, and deleting one removes only its own bitmap
+        (an older libvirt merges it into the parent checkpoint's, which can only add
+        dirty blocks there: the other protection then copies a little more, never less).
+        A checkpoint whose bitmap is already gone loses its metadata only."""
+        removed: list[str] = []
+        conn = self._conn()
+        try:
+            for wl in workloads:
+                try:
+                    dom = conn.lookupByUUIDString(wl.ref.id)
+                except libvirt.libvirtError:
+                    try:
+                        dom = conn.lookupByName(wl.name)
+                    except libvirt.libvirtError:
+                        log.info("forget %s: VM %s is gone; nothing to remove", protection, wl.name)
+                        continue
+                removed += self._forget_domain(dom, protection)
+        finally:
+            conn.close()
+        return removed
+
+    def _forget_domain(self, dom: libvirt.virDomain, protection: str) -> list[str]:
+        uuid = dom.UUIDString()
+        removed: list[str] = []
+        # A freeze still held (its cycle was cancelled or its worker died): end it the
+        # way a failed cycle does (job aborted, its new checkpoint folded back).
+        for marker in sorted((self.work_dir / "handles").glob(f"{CHECKPOINT_PREFIX}*.{uuid}.json")):
+            try:
+                handle = FrozenHandle.model_validate_json(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            if handle.protection == protection:
+                KvmFrozen(self, handle).release(committed=False)
+                removed.append(f"{dom.name()}: freeze of cycle {handle.cycle_id}")
+        run = self.work_dir / sha1(f"{protection}/{uuid}".encode()).hexdigest()[:12]
+        if _backup_running(dom, str(run / "nbd.sock")):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.abortJob()
+            removed.append(f"{dom.name()}: backup job")
+        for marker in self._our_paused_markers(dom):
+            if owned_checkpoint(marker.name, protection):
+                self._stop_paused(dom, marker.name)
+        for name in sorted(_checkpoint_names(dom), reverse=True):
+            if owned_checkpoint(name, protection):
+                _delete_checkpoint(dom, name)
+                removed.append(f"{dom.name()}: checkpoint {name}")
+        shutil.rmtree(run, ignore_errors=True)
+        return removed
 
     def reopen(self, handle: FrozenHandle) -> KvmFrozen | KvmGroupFrozen:
         if "group" in handle.data:
@@ -610,9 +689,18 @@ class KvmSource:
         tmp.write_text(handle.model_dump_json())
         tmp.replace(marker)
 
-    def forget(self, handle: FrozenHandle) -> None:
+    def _drop_marker(self, handle: FrozenHandle) -> None:
         marker = self._marker(handle.data["new_checkpoint"], handle.data["domain_uuid"])
         marker.unlink(missing_ok=True)
+
+
+def owned_checkpoint(name: str, protection: str) -> bool:
+    """Whether checkpoint ``name`` is one of ``protection``'s (``transcend.<protection>.
+    <cycle id>``). Protection names may contain dots and cycle ids never do, so
+    ``transcend.a.b.<cycle>`` belongs to protection ``a.b``, not to ``a``."""
+    prefix = f"{CHECKPOINT_PREFIX}{protection}."
+    rest = name[len(prefix):]
+    return name.startswith(prefix) and bool(rest) and "." not in rest
 
 
 def _checkpoint_names(dom: libvirt.virDomain) -> set[str]:
@@ -738,7 +826,7 @@ class KvmFrozen:
                 dom = conn.lookupByUUIDString(self.handle.data["domain_uuid"])
             except libvirt.libvirtError:
                 log.warning("domain %s gone; nothing to release", self.handle.data["domain"])
-                self.source.forget(self.handle)
+                self.source._drop_marker(self.handle)
                 return
             if _backup_running(dom, self.handle.data["socket"]):
                 try:
@@ -753,9 +841,8 @@ class KvmFrozen:
             if committed:
                 # Keep only the newest bitmap: older transcend checkpoints of this
                 # protection are no longer needed by anyone.
-                prefix = f"{CHECKPOINT_PREFIX}{self.handle.protection}."
                 for name in sorted(_checkpoint_names(dom)):
-                    if name.startswith(prefix) and name != new_cp:
+                    if owned_checkpoint(name, self.handle.protection) and name != new_cp:
                         _delete_checkpoint(dom, name)
             else:
                 # Deleting the new checkpoint merges its bitmap into the previous one,
@@ -766,7 +853,7 @@ class KvmFrozen:
         finally:
             conn.close()
         shutil.rmtree(self.handle.data["dir"], ignore_errors=True)
-        self.source.forget(self.handle)
+        self.source._drop_marker(self.handle)
 
     def describe(self) -> dict[str, Any]:
         return {"kinds": dict(self.handle.kinds), "reasons": dict(self.handle.reasons)}

@@ -41,8 +41,7 @@ import libvirt
 
 from connectors import base
 from connectors.base import ConnectorError, NotFound, PermanentError
-from connectors.kvm import domain as dx
-from connectors.kvm.qemu import (
+from connectors.common.qemu import (
     UNIX_PATH_MAX,
     DiskFull,
     ImageLocked,
@@ -57,9 +56,11 @@ from connectors.kvm.qemu import (
     run_qemu_img,
     serve_tcp,
 )
+from connectors.kvm import domain as dx
 from transcend.guestprep import GuestPrepError, prepare_guest
 from transcend.models import (
     BootSpec,
+    Capabilities,
     DiskId,
     DiskInfo,
     Instance,
@@ -122,6 +123,12 @@ class KvmTarget:
     - ``cache``: qemu-nbd cache mode for exports (default ``none``; falls back to
       ``writeback`` on filesystems without O_DIRECT).
     """
+
+    #: A production boot starts paused and gets a checkpoint on every disk before its
+    #: first instruction; qemu-nbd writes any 512-byte sector; libvirt logs the serial
+    #: console to a file on this host, which the target site's worker reads.
+    capabilities = Capabilities(guest_family="kvm", health=["console", "tcp"],
+                                tracking_at_boot=True, write_granularity=512)
 
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
@@ -549,6 +556,10 @@ class KvmTarget:
                 net.destroy()
             net.undefine()
 
+    def vm_namespace(self) -> str:
+        """Domain names live in the libvirt daemon this URI reaches."""
+        return f"libvirt:{self.uri}"
+
     def boot(self, point: RecoveryPoint, spec: BootSpec) -> Instance:
         """Define and start domain ``spec.name`` on fresh overlays of ``point``."""
         protection = point.protection
@@ -746,6 +757,52 @@ class KvmTarget:
             state="running" if dom.isActive() else "stopped",
             tracking=spec.tracking_name if spec.production else "",
         )
+
+    # ------------------------------------------------------------------ health (HealthProbe)
+
+    def console_text(self, instance: Instance) -> str:
+        """The serial console libvirt logs for the domain (``<serial type='file'>``)."""
+        try:
+            return Path(instance.console_log).read_bytes().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def agent_ready(self, instance: Instance) -> bool:
+        """The QEMU guest agent answers a ping (a guest without one never is)."""
+        conn = self._connect()
+        try:
+            dom = self._lookup(conn, uuid=instance.id, name=instance.name)
+            if dom is None or not dom.isActive():
+                return False
+            import libvirt_qemu
+
+            libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', 5, 0)
+            return True
+        except libvirt.libvirtError:
+            return False
+        finally:
+            conn.close()
+
+    def address(self, instance: Instance) -> str:
+        """The first IPv4 address libvirt knows for the domain (DHCP lease, else ARP)."""
+        conn = self._connect()
+        try:
+            dom = self._lookup(conn, uuid=instance.id, name=instance.name)
+            if dom is None or not dom.isActive():
+                return ""
+            for src in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+                        libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP):
+                try:
+                    ifaces = dom.interfaceAddresses(src)
+                except libvirt.libvirtError:
+                    continue
+                for iface in ifaces.values():
+                    for a in iface.get("addrs") or []:
+                        if a.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4 and a.get("addr"):
+                            return str(a["addr"])
+            return ""
+        finally:
+            conn.close()
 
     @staticmethod
     def _lookup(conn: libvirt.virConnect, *, uuid: str = "", name: str = ""

@@ -18,23 +18,14 @@ import hashlib
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 
-from connectors.base import ConnectorError, PermanentError
+from connectors.base import ConnectorError, DiskAccess, PermanentError
+from connectors.common.qemu import NbdExport, run_qemu_img
 from connectors.kvm.domain import domain_disks
-from connectors.kvm.qemu import NbdExport, run_qemu_img
 from connectors.kvm.source import KvmSource, open_libvirt
-
-
-@dataclass(frozen=True)
-class DiskAccess:
-    disk: str  # the domain's target dev (vda)
-    path: str
-    size: int
-    uri: str
 
 
 def _image_info(path: str) -> tuple[str, int]:
@@ -92,7 +83,7 @@ def open_disks(source: KvmSource, ref: str, *, readonly: bool) -> Iterator[list[
             export.stop()  # one left by a crashed attempt (maybe of the other mode)
             exports.append(export)
             export.start()
-            out.append(DiskAccess(disk=dev, path=path, size=size, uri=export.uri))
+            out.append(DiskAccess(disk=dev, size=size, uri=export.uri))
         yield out
     finally:
         errors = []

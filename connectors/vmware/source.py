@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from datetime import UTC
 from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from connectors.base import ChangeExtent, ChangeSet, ConnectorError, PermanentError
+from connectors.base import ChangeExtent, ChangeSet, ConnectorError, NotFound, PermanentError
 from connectors.vmware.export import (
     CurlSourceFactory,
     SocketServer,
@@ -54,6 +55,7 @@ from connectors.vmware.session import (
 )
 from connectors.vmware.vmdk import parse_descriptor
 from transcend.models import (
+    Capabilities,
     ChangeKind,
     ChangeSummary,
     Checkpoint,
@@ -167,6 +169,15 @@ def workload_from_vm(platform: str, vm: Any) -> Workload:
     )
 
 
+def owned_snapshot(name: str, protection: str) -> bool:
+    """Whether snapshot ``name`` is a cycle snapshot of ``protection``
+    (``transcend-<protection>-<cycle id>``, cycle ids ``<UTC stamp>-<run>``). Protection
+    names may contain dashes: ``transcend-a-b-<cycle id>`` belongs to ``a-b``, not ``a``."""
+    prefix = f"{SNAPSHOT_PREFIX}{protection}-"
+    rest = name[len(prefix):]
+    return name.startswith(prefix) and re.fullmatch(r"(\d{8}T\d{6}Z-)?[0-9A-Za-z_.]+", rest) is not None
+
+
 def _walk_snapshots(trees: list[Any] | None) -> list[Any]:
     out: list[Any] = []
     for t in trees or []:
@@ -224,10 +235,18 @@ def identity_change(old: str, new: str) -> str:
 class VmwareSource:
     """``Source`` for vCenter or a standalone ESXi host."""
 
+    #: power, direct disks and tracking at boot are being added (issue #14); until then
+    #: the DR activities refuse VMware where they need them, naming the capability.
+    capabilities = Capabilities(guest_family="vmware")
+
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
         self.secret = secret
         self._session: VsphereSession | None = None
+
+    def vm_namespace(self) -> str:
+        """VM names live in the vCenter (or ESXi host) this platform logs in to."""
+        return f"vsphere:{str(self.info.config.get('host', '')).strip()}:{self.info.config.get('port', 443)}"
 
     def s(self) -> VsphereSession:
         if self._session is None:
@@ -285,6 +304,28 @@ class VmwareSource:
     def reopen(self, handle: FrozenHandle) -> VmwareFrozen:
         return VmwareFrozen(self, handle)
 
+    def forget(self, protection: str, workloads: list[Workload]) -> list[str]:
+        """Remove the snapshots ``protection`` left on its VM (a cycle's freeze that was
+        never released). Its checkpoints are CBT changeIds, which live in the catalog,
+        not on the VM, so nothing else is ours there. CBT itself stays enabled: it is a
+        per-VM setting that another protection (or backup product) of the same VM may
+        rely on, and turning it off resets every changeId (each reader's next copy
+        would be a full one); its cost is the per-disk change log vSphere keeps."""
+        removed: list[str] = []
+        for wl in workloads:
+            try:
+                vm = self.s().find_vm(wl.ref.id)
+            except NotFound:
+                log.info("forget %s: VM %s is gone; nothing to remove", protection, wl.name)
+                continue
+            snaps = getattr(vm, "snapshot", None)
+            for t in _walk_snapshots(snaps.rootSnapshotList if snaps else None):
+                if owned_snapshot(t.name, protection):
+                    self.s().wait(t.snapshot.RemoveSnapshot_Task(removeChildren=False),
+                                  f"removing snapshot {t.name!r} of VM {vm.name!r}")
+                    removed.append(f"{vm.name}: snapshot {t.name}")
+        return removed
+
     def _ensure_cbt(self, vm: Any) -> None:
         """CBT on, and active: vSphere starts tracking at the next stun/unstun, which a
         snapshot create + remove is (the VMware-documented way without a power cycle)."""
@@ -306,10 +347,9 @@ class VmwareSource:
     def _remove_stale(self, vm: Any, protection: str, keep: str) -> None:
         """Snapshots an earlier cycle of this protection left (a worker died before its
         release): they slow the VM down and grow; nothing needs them any more."""
-        prefix = f"{SNAPSHOT_PREFIX}{protection}-"
         snaps = getattr(vm, "snapshot", None)
         for t in _walk_snapshots(snaps.rootSnapshotList if snaps else None):
-            if t.name.startswith(prefix) and t.name != keep:
+            if owned_snapshot(t.name, protection) and t.name != keep:
                 log.warning("removing snapshot %r of VM %s left by an earlier cycle", t.name, vm.name)
                 self.s().wait(t.snapshot.RemoveSnapshot_Task(removeChildren=False),
                               f"removing the stale snapshot {t.name!r} of VM {vm.name!r}")

@@ -39,6 +39,7 @@ from connectors.vmware.source import snapshot_named, vm_disks
 from connectors.vmware.vmdk import parse_descriptor
 from transcend.models import (
     BootSpec,
+    Capabilities,
     DiskId,
     DiskInfo,
     Instance,
@@ -66,6 +67,8 @@ class VmwareTarget:
     (``transcend-replica-``), ``test_network`` (isolated port group for test
     failovers), ``writer`` (``vddk``/``file``), ``datastore_mounts``, ``vddk_libdir``."""
 
+    capabilities = Capabilities(guest_family="vmware", write_granularity=512)
+
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
         self.secret = secret
@@ -79,6 +82,10 @@ class VmwareTarget:
         self.writer = str(self.config.get("writer", "vddk"))
         if self.writer not in ("vddk", "file"):
             raise PermanentError(f"platform {info.name!r}: writer must be vddk or file")
+
+    def vm_namespace(self) -> str:
+        """VM names live in the vCenter (or ESXi host) this platform logs in to."""
+        return f"vsphere:{str(self.info.config.get('host', '')).strip()}:{self.info.config.get('port', 443)}"
 
     def s(self) -> VsphereSession:
         if self._session is None:

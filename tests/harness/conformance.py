@@ -1,5 +1,5 @@
 """Sources and targets under test for the shared connector conformance suite
-(tests/test_conformance.py).
+(tests/test_conformance.py; the checks are the library connectors/conformance/).
 
 Each platform provides the same small thing: a Source connector, one VM with one
 disk, and a way to write to that disk *as the guest would* while the VM runs:
@@ -28,29 +28,19 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import libvirt
 import libvirt_qemu
 
 from connectors.base import Source, Target
+from connectors.conformance import SourceUnderTest
 from connectors.registry import source_for, target_for
 from tests.harness.libvirtd import DiskSpec, running_domain, traversable
 from transcend.models import DiskId, PlatformInfo, PlatformKind, Workload
 
 MiB = 1 << 20
 DISK_SIZE = 32 * MiB
-
-
-class SourceUnderTest(Protocol):
-    kind: str
-    source: Source
-    workload: Workload
-    disk: DiskId
-
-    def write(self, offset: int, length: int, pattern: int) -> None:
-        """Write ``length`` bytes of the byte ``pattern`` at ``offset``, as the guest."""
-        ...
 
 
 @dataclass
@@ -161,5 +151,18 @@ def vmware_target(tmp: Path) -> Iterator[Target]:
                 close()
 
 
+@contextlib.contextmanager
+def synthetic_target(tmp: Path) -> Iterator[Target]:
+    """The scale benchmark's plugin connector (tests/harness/synthetic.py): whole-image
+    points behind one nbdkit. Its source generates data by generation number, so it
+    cannot take arbitrary guest writes and is not among the sources."""
+    from tests.harness import synthetic
+
+    with synthetic.synthetic_servers(tmp) as srv:
+        info = PlatformInfo(name="syn-dst", kind=PlatformKind.SYNTHETIC, site="local",
+                            config=srv.target_config())
+        yield synthetic.SyntheticTarget(info, {})
+
+
 TARGETS: dict[str, Callable[[Path], contextlib.AbstractContextManager[Target]]] = {
-    "kvm": kvm_target, "vmware": vmware_target}
+    "kvm": kvm_target, "vmware": vmware_target, "synthetic": synthetic_target}

@@ -54,6 +54,7 @@ from connectors.registry import register
 from tests.harness.locks import file_lock
 from transcend.models import (
     BootSpec,
+    Capabilities,
     ChangeKind,
     ChangeSummary,
     Checkpoint,
@@ -189,6 +190,8 @@ def _uri(socket: str, export: str) -> str:
 
 
 class SyntheticSource:
+    capabilities = Capabilities()
+
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
         self.root = Path(info.config["root"])
@@ -275,6 +278,18 @@ class SyntheticSource:
     def reopen(self, handle: FrozenHandle) -> SyntheticFrozen:
         return SyntheticFrozen(self, handle)
 
+    def forget(self, protection: str, workloads: list[Workload]) -> list[str]:
+        """The protection's snapshot files (a freeze never released). Its checkpoints
+        are generations counted per VM, shared by every protection: nothing else to
+        remove."""
+        if not self.snap.exists():
+            return []
+        removed = []
+        for f in sorted(self.snap.glob(f"{protection}{SEP}*")):
+            f.unlink(missing_ok=True)
+            removed.append(f.name)
+        return removed
+
 
 class SyntheticFrozen:
     def __init__(self, source: SyntheticSource, handle: FrozenHandle) -> None:
@@ -330,6 +345,8 @@ class SyntheticFrozen:
 
 
 class SyntheticTarget:
+    capabilities = Capabilities()
+
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
         self.exports = Path(info.config["root"]) / "exports"
