@@ -29,6 +29,7 @@ from activities.alerts import AlertActivities
 from activities.context import ActivityContext
 from activities.cycle import CycleActivities
 from activities.dr import DrActivities
+from activities.failback import FailbackActivities
 from activities.failback_sites import FailbackSiteActivities
 from activities.failover import FailoverActivities
 from activities.points import PointActivities
@@ -57,7 +58,7 @@ WORKFLOWS: list[type] = [
 def activities(ctx: ActivityContext) -> list[Any]:
     cycle, protection, points = CycleActivities(ctx), ProtectionActivities(ctx), PointActivities(ctx)
     failover, dr = FailoverActivities(ctx), DrActivities(ctx)
-    failback_sites = FailbackSiteActivities(ctx)
+    failback, failback_sites = FailbackActivities(ctx), FailbackSiteActivities(ctx)
     alerts = AlertActivities(ctx)
     return [
         cycle.start, cycle.prepare, cycle.freeze, cycle.begin, cycle.abort, cycle.stream,
@@ -66,12 +67,12 @@ def activities(ctx: ActivityContext) -> list[Any]:
         protection.resolve, protection.describe, protection.check_target, protection.add,
         protection.view, protection.set_state, protection.update_policy,
         protection.ensure_schedule, protection.trigger_schedule, protection.pause_schedule,
-        protection.delete_schedule,
+        protection.delete_schedule, protection.end_cycles, protection.forget_source,
         points.point_target, points.verify, points.boot,
         failover.choose_point, failover.tiers, failover.health, failover.destroy, failover.rto,
         dr.check, dr.abort, dr.wait_idle, dr.power_off, dr.power_on, dr.boot, dr.record,
-        dr.failback_check, dr.failback_abort, dr.failback_sync, dr.failback_verify,
-        dr.failback_finish,
+        failback.failback_check, failback.failback_abort, failback.failback_sync,
+        failback.failback_verify, failback.failback_finish,
         failback_sites.serve, failback_sites.pull, failback_sites.release, failback_sites.hashes,
         alerts.send, run_runbook_step,
     ]

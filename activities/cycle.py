@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from temporalio.exceptions import ApplicationError
 
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
-from connectors.base import Busy, ChangeSet, Frozen, PermanentError, Staging
+from connectors.base import Busy, ChangeSet, Frozen, PermanentError, Staging, capabilities_of
 from transcend import nbdtls, pullexport
 from transcend import retention as retention_rules
 from transcend.api import (
@@ -54,8 +56,6 @@ from transcend.models import (
     FreezeOptions,
     FrozenHandle,
     NbdEndpoint,
-    PlatformInfo,
-    PlatformKind,
     PointDisk,
     PointMeta,
     ProtectionState,
@@ -77,6 +77,58 @@ HEARTBEAT_EVERY = 2.0
 
 def _manifest_path(home: Path, protection: str, cycle_id: str, disk: str) -> Path:
     return home / "work" / protection / cycle_id / f"{disk.replace('/', '%2F')}.manifest"
+
+
+def _progress_path(home: Path, protection: str, cycle_id: str, disk: str) -> Path:
+    return home / "work" / protection / cycle_id / f"{disk.replace('/', '%2F')}.progress"
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """What the earlier attempts of one disk's stream did, from the last progress they
+    recorded (heartbeat details or the local record, whichever is further on):
+    ``durable_offset`` where this attempt may resume, ``written``/``read`` the bytes
+    they moved in all, ``resent`` what this attempt moves again. With these, a disk's
+    ``bytes_written`` over all attempts is its data plus ``resent`` (pull: reads)."""
+
+    durable_offset: int = 0
+    written: int = 0
+    read: int = 0
+    resent: int = 0
+    unsaved: int = 0
+
+    @classmethod
+    def from_details(cls, d: dict[str, Any]) -> Attempts:
+        return cls(
+            durable_offset=int(d.get("durable_offset") or 0),
+            written=int(d.get("prior_written") or 0) + int(d.get("bytes_written") or 0),
+            read=int(d.get("prior_read") or 0) + int(d.get("bytes_read") or 0),
+            resent=int(d.get("resent") or 0),
+            unsaved=int(d.get("unsaved") or 0),
+        )
+
+    @classmethod
+    def load(cls, heartbeat_details: Any, record: Path) -> Attempts:
+        found = []
+        if heartbeat_details and isinstance(heartbeat_details[0], dict):
+            found.append(cls.from_details(heartbeat_details[0]))
+        try:
+            local = json.loads(record.read_text())
+        except (OSError, ValueError):
+            local = None
+        if isinstance(local, dict):
+            found.append(cls.from_details(local))
+        # counters only grow along one stream's attempts: the larger is the newer
+        return max(found, key=lambda a: (a.written + a.read, a.durable_offset), default=cls())
+
+    def resent_from(self, resume_from: int, *, pull: bool) -> Attempts:
+        """These attempts as seen by one resuming at ``resume_from``: what they moved
+        beyond their durable offset is moved again; all of it when the resume point was
+        lost (no partial manifest here) and the copy starts over."""
+        lost = resume_from == 0
+        again = (self.read if pull else self.written) if lost else self.resent + self.unsaved
+        return Attempts(durable_offset=resume_from, written=self.written, read=self.read,
+                        resent=again)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -122,8 +174,8 @@ class CycleActivities:
             source_info = cat.get_platform(rec.spec.source_platform)
             target_info = cat.get_platform(rec.spec.target_platform)
             check_transfer(rec.spec.policy.transfer, source_info.site, target_info.site)
-            check_pull_source(rec.spec.policy.transfer, source_info)
             source = self.ctx.source(source_info.name)
+            check_pull_source(rec.spec.policy.transfer, source)
             # Refresh the VM's shape: a grown or added disk must exist on the replica
             # before anything is written to it.
             workloads = [source.workload(w.ref.id) for w in rec.workloads]
@@ -221,7 +273,7 @@ class CycleActivities:
             begin_remote = getattr(target, "begin_remote", None)
             if begin_remote is None:
                 raise PermanentError(
-                    f"target platform {ctx.target.name!r} ({ctx.target.kind.value}) cannot "
+                    f"target platform {ctx.target.name!r} ({ctx.target.kind}) cannot "
                     "serve a push transfer from another site yet; put both platforms at one "
                     "site (one host) with transfer 'local', or use a KVM target")
             staging = begin_remote(ctx.protection, ctx.cycle_id, inp.disks, ctx.last_point,
@@ -242,18 +294,15 @@ class CycleActivities:
     async def stream(self, inp: StreamInput) -> StreamResult:
         info = activity.info()
         record_queue_lag(info)
-        resume_from = resent = 0
-        if info.heartbeat_details:
-            details = info.heartbeat_details[0]
-            if isinstance(details, dict):
-                resume_from = int(details.get("durable_offset", 0))
-                # what earlier attempts moved beyond their durable offset: sent again now
-                resent = int(details.get("resent") or 0) + int(details.get("unsaved") or 0)
-        prepared = await asyncio.to_thread(self._prepare_stream, inp, resume_from)
+        ppath = _progress_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id,
+                               inp.disk)
+        prior = Attempts.load(info.heartbeat_details, ppath)
+        prepared = await asyncio.to_thread(self._prepare_stream, inp, prior.durable_offset)
         stream, manifest, original, mpath, changes, resume_from, frozen, staging = prepared
         uris = {"source": inp.frozen.remote[inp.disk].uri if inp.disk in inp.frozen.remote else "",
                 "destination": (inp.staging.remote[inp.disk].uri
                                 if inp.disk in inp.staging.remote else "")}
+        resent = prior.resent_from(resume_from, pull=bool(uris["source"]))
         policy = inp.ctx.policy
         try:
             # The site's bandwidth limit is shared by every stream this worker runs,
@@ -270,7 +319,7 @@ class CycleActivities:
     async def _run_stream(self, inp: StreamInput, stream: blockstream.Stream, manifest: bytearray,
                           original: bytes, mpath: Path, changes: ChangeSet,
                           resume_from: int, uris: dict[str, str],
-                          resent: int) -> StreamResult:
+                          resent: Attempts) -> StreamResult:
         started = time.monotonic()
         pull = bool(uris.get("source"))
         task = asyncio.create_task(asyncio.to_thread(stream.run))
@@ -286,7 +335,7 @@ class CycleActivities:
                         self._save_partial, mpath, manifest, original, durable, inp.block_size
                     )
                     saved_at = durable
-                activity.heartbeat(_progress_details(p, saved_at, started, resent, pull))
+                self._progress(inp, _progress_details(p, saved_at, started, resent, pull))
                 if not task.done() and watchdog.stalled(p):
                     # A cut link stalls the NBD connections until TCP gives up (~15
                     # min): give up sooner, keep what is durable, let Temporal retry.
@@ -327,25 +376,30 @@ class CycleActivities:
         # manifest from the shared catalog, not from this host's file.
         await asyncio.to_thread(self.ctx.catalog.stage_manifest, inp.ctx.protection,
                                 inp.ctx.cycle_id, inp.disk, bytes(manifest))
-        record_stream(inp.ctx.protection, inp.disk, changes.summary.kind, final.bytes_written,
+        # Every attempt's bytes count (a killed one's as far as its last progress record
+        # says): the cycle record, the SLA report and the metrics see what really moved.
+        written = resent.written + final.bytes_written
+        record_stream(inp.ctx.protection, inp.disk, changes.summary.kind, written,
                       time.monotonic() - started)
         return StreamResult(
             disk=inp.disk,
             kind=changes.summary.kind,
-            bytes_read=final.bytes_read,
-            bytes_written=final.bytes_written,
+            bytes_read=resent.read + final.bytes_read,
+            bytes_written=written,
+            attempt_bytes_read=final.bytes_read,
+            attempt_bytes_written=final.bytes_written,
             bytes_zero=final.bytes_zero,
             bytes_skipped=final.bytes_skipped,
             bytes_total=final.bytes_total,
             seconds=time.monotonic() - started,
             resumed_from=resume_from,
-            bytes_resent=resent,
+            bytes_resent=resent.resent,
             manifest_file=str(mpath),
         )
 
     def _keep_durable(self, inp: StreamInput, stream: blockstream.Stream, mpath: Path,
                       manifest: bytearray, original: bytes, saved_at: int, started: float,
-                      resent: int, pull: bool) -> int:
+                      resent: Attempts, pull: bool) -> int:
         """After a failed or cancelled run: save the partial manifest up to the final
         durable offset and heartbeat it (with what the next attempt sends again)."""
         p = stream.progress()
@@ -353,8 +407,21 @@ class CycleActivities:
         if durable > saved_at:
             self._save_partial(mpath, manifest, original, durable, inp.block_size)
             saved_at = durable
-        activity.heartbeat(_progress_details(p, saved_at, started, resent, pull))
+        self._progress(inp, _progress_details(p, saved_at, started, resent, pull))
         return saved_at
+
+    def _progress(self, inp: StreamInput, details: dict[str, Any]) -> None:
+        """Heartbeat the progress and keep it in a local record too: Temporal throttles
+        heartbeats (one per 0.8 heartbeat timeout reaches the server), so after a kill -9
+        the server's copy can be far older than this record, written every
+        HEARTBEAT_EVERY. A retry on this host resumes from, and counts from, the newer."""
+        activity.heartbeat(details)
+        path = _progress_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id,
+                              inp.disk)
+        try:
+            _write_atomic(path, json.dumps(details).encode())
+        except OSError as e:  # the heartbeat still carries it
+            log.warning("progress record %s not written: %s", path, e)
 
     def _stall_seconds(self, inp: StreamInput) -> float:
         """The site's stall limit, longer where the policy's own bandwidth limit makes
@@ -432,6 +499,10 @@ class CycleActivities:
             # and at least every few seconds: on a slow link a failed attempt then
             # resends only what crossed since the last round
             flush_seconds=FLUSH_SECONDS,
+            # and never more than this beyond durable_offset, however slow the
+            # flushes (a busy host): the bound on what a retry resends
+            max_unflushed=resend_bound(inp.ctx.policy.bandwidth_bytes_per_s,
+                                       inp.ctx.policy.connections),
         )
         return stream, manifest, original, mpath, changes, resume_from
 
@@ -668,14 +739,16 @@ def check_transfer(transfer: str, source_site: str, target_site: str) -> None:
             "(docs/sites.md)")
 
 
-def check_pull_source(transfer: str, source: PlatformInfo) -> None:
+def check_pull_source(transfer: str, source: object) -> None:
     """Pull needs frozen exports that live from freeze to release (the fronts of
-    transcend/pullexport.py point at them); only the KVM source's backup exports do."""
-    if transfer == "pull" and source.kind != PlatformKind.KVM:
+    transcend/pullexport.py point at them): a source that declares ``serve_remote``."""
+    if transfer == "pull" and not capabilities_of(source).serve_remote:
+        info = getattr(source, "info", None)
         raise PermanentError(
-            f"the protection's transfer is 'pull' but its source platform {source.name!r} is "
-            f"{source.kind.value}: only KVM sources serve their frozen disks to another site "
-            "yet; use 'push' (the target site serves its staging) or 'auto'")
+            f"the protection's transfer is 'pull' but its source platform "
+            f"{getattr(info, 'name', '?')!r} ({getattr(info, 'kind', '?')}) does not serve its "
+            "frozen disks to another site; use 'push' (the target site serves its staging) "
+            "or 'auto'")
 
 
 def flush_interval(bandwidth: int | None) -> int:
@@ -690,6 +763,14 @@ def flush_interval(bandwidth: int | None) -> int:
     if bandwidth is None:
         return FLUSH_INTERVAL_MAX
     return max(FLUSH_INTERVAL_MIN, min(FLUSH_INTERVAL_MAX, bandwidth * FLUSH_SECONDS))
+
+
+def resend_bound(bandwidth: int | None, connections: int) -> int:
+    """The most a failed stream attempt sends again: the engine takes no new data
+    request while this much is taken beyond ``durable_offset`` (``max_unflushed``),
+    so the bound holds whatever the load: one flush interval plus one request per
+    connection."""
+    return flush_interval(bandwidth) + connections * STREAM_REQUEST
 
 
 class StallWatchdog:
@@ -719,14 +800,18 @@ def _peers(uris: dict[str, str]) -> str:
 
 
 def _progress_details(p: blockstream.Progress, durable: int, started: float,
-                      resent: int = 0, pull: bool = False) -> dict[str, Any]:
+                      prior: Attempts | None = None, pull: bool = False) -> dict[str, Any]:
+    prior = prior or Attempts()
     remaining = max(0, p.bytes_total - (p.bytes_read + p.bytes_skipped + p.bytes_zero))
     # What crossed the network beyond the durable offset (reads in a pull, writes
     # otherwise): if this attempt fails, the next one moves it again.
     unsaved = (p.bytes_read - p.read_durable) if pull else (p.bytes_written - p.written_durable)
     return {
         "durable_offset": durable,
-        "resent": resent,
+        "resent": prior.resent,
+        # what the attempts before this one moved in all (the next attempt adds this one's)
+        "prior_written": prior.written,
+        "prior_read": prior.read,
         "unsaved": max(0, unsaved),
         "bytes_read": p.bytes_read,
         "bytes_written": p.bytes_written,

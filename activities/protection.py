@@ -3,8 +3,10 @@ Schedule that drives the RPO cadence, and state changes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import logging
 from datetime import timedelta
 
 from temporalio import activity
@@ -19,6 +21,9 @@ from temporalio.client import (
     ScheduleState,
     ScheduleUpdate,
     ScheduleUpdateInput,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowQueryFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import ApplicationError
@@ -42,6 +47,15 @@ from transcend.api import (
 )
 from transcend.catalog import AlreadyExists, NotFoundError, ProtectionRecord
 from transcend.models import Health, ProtectionSpec, ProtectionState, Workload, replica_disks
+
+log = logging.getLogger(__name__)
+
+# Cycle phases (workflows/cycle.py ``progress``) in which unprotect cancels a cycle:
+# its staging and freeze are known to the workflow, which undoes both.
+CANCEL_PHASES = frozenset({"stream", "verify"})
+# Phases it waits out first: an activity of them cancelled mid-way would finish after
+# the cycle ended and leave a freeze or a staging layer nobody undoes.
+EARLY_PHASES = frozenset({"starting", "start", "freeze", "begin", ""})
 
 
 def _name_taken(removed: ProtectionRecord) -> ApplicationError:
@@ -246,6 +260,64 @@ class ProtectionActivities:
             await handle.pause(note="paused by transcend")
         else:
             await handle.unpause(note="resumed by transcend")
+
+    # ------------------------------------------------------------------ removal
+
+    @activity.defn(name="protection.end_cycles")
+    async def end_cycles(self, protection: str) -> list[str]:
+        """Let the protection's running cycles end before its source tracking is removed,
+        and end them soon: a cycle copying (or sampling) is cancelled, so it aborts its
+        staging (the layer and its NBD export) and releases the source; one still
+        starting, freezing or beginning is let reach the copy first (cancelled while a
+        freeze or begin activity runs, the activity would finish on its own after the
+        cycle ended and leave what it made behind); one committing or releasing is let
+        finish. Returns the ids of the cycles it waited for."""
+        return await heartbeating(self._end_cycles(protection))
+
+    async def _end_cycles(self, protection: str) -> list[str]:
+        client = self._client()
+        query = (f'WorkflowType="{CYCLE_WORKFLOW}" AND {sa.PROTECTION.name}="{protection}" '
+                 'AND ExecutionStatus="Running"')
+        ended: list[str] = []
+        async for wf in client.list_workflows(query):
+            handle = client.get_workflow_handle(wf.id, run_id=wf.run_id)
+            while True:
+                try:
+                    desc = await handle.describe()
+                    if desc.status != WorkflowExecutionStatus.RUNNING:
+                        break
+                    phase = str((await handle.query("progress")).get("phase", ""))
+                except (RPCError, WorkflowQueryFailedError) as e:
+                    # no worker answers the query right now: ask again
+                    log.info("cycle %s of %s: progress unknown (%s)", wf.id, protection, e)
+                    await asyncio.sleep(2)
+                    continue
+                if phase in CANCEL_PHASES:
+                    await handle.cancel()
+                    break
+                if phase not in EARLY_PHASES:
+                    break  # committing, releasing, aborting: it ends by itself
+                await asyncio.sleep(1)
+            with contextlib.suppress(WorkflowFailureError):
+                await handle.result()
+            ended.append(wf.id)
+        return ended
+
+    @activity.defn(name="source.forget")
+    async def forget_source(self, protection: str) -> list[str]:
+        """Remove what the protection made at its source (checkpoints, dirty bitmaps,
+        snapshots, a freeze still held): ``Source.forget``. Runs at the source's site."""
+        def run() -> list[str]:
+            cat = self.ctx.catalog
+            with permanent():
+                rec = cat.get_protection(protection)
+                source = self.ctx.source(rec.spec.source_platform)
+            removed = source.forget(protection, rec.workloads)
+            for item in removed:
+                log.info("unprotect %s: removed %s", protection, item)
+            return removed
+
+        return await in_thread(run)
 
     @activity.defn(name="schedule.delete")
     async def delete_schedule(self, protection: str) -> None:

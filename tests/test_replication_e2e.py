@@ -160,9 +160,11 @@ async def _full_then_incremental(guest_image: GuestImage, stack: Stack, tmp_path
             dom.resume()
 
         # Retention: keep only the newest 3 points; the survivors still hash the same.
+        # (Kept by age for 1 s only: every older point is at least one cycle older than
+        # that, however slow the machine; 10 s kept a fourth point on a loaded one.)
         before = {p.id: {d.disk: d.manifest_sha256 for d in p.disks} for p in cat.points("e2e")}
         policy = cat.get_protection("e2e").spec.policy.model_copy(
-            update={"retention": RetentionPolicy(rules=[RetentionRule(every=0, keep_for=10)],
+            update={"retention": RetentionPolicy(rules=[RetentionRule(every=0, keep_for=1)],
                                                  min_points=3)})
         await handle.execute_update("set_policy", PolicyChange(policy=policy),
                                     result_type=ReplicationStatus)
@@ -312,9 +314,15 @@ async def _kill_and_restart(guest_image: GuestImage, stack: Stack, tmp_path: Pat
 
         streams = await _stream_results(stack, "kill")
         assert len(streams) == 1
-        assert streams[0].resumed_from > 0, streams[0]
+        s0 = streams[0]
+        assert s0.resumed_from > 0, s0
         # The last attempt copied only what was not yet durable, not the whole disk again.
-        assert streams[0].bytes_read < _data_bytes(disk), (streams[0], _data_bytes(disk))
+        assert s0.attempt_bytes_read is not None and s0.attempt_bytes_written is not None, s0
+        assert s0.attempt_bytes_read < _data_bytes(disk), (s0, _data_bytes(disk))
+        # ... and the result counts every attempt: at least what the killed one had read
+        # by the heartbeat we waited for, plus the last one's.
+        assert s0.bytes_read >= s0.attempt_bytes_read + first["bytes_read"], (s0, first)
+        assert s0.bytes_written >= s0.attempt_bytes_written + first["bytes_written"], (s0, first)
 
         # Further kills at random moments of incremental cycles: every committed point
         # still verifies and the records stay a contiguous prefix.

@@ -17,6 +17,10 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
+# workflow.patched() id: a failed disk stream cancels and awaits its siblings before the
+# cycle compensates (histories written before it replay the plain gather).
+CANCEL_SIBLINGS_PATCH = "cancel-sibling-streams"
+
 with workflow.unsafe.imports_passed_through():
     from transcend.api import (
         CONTROL_TASK_QUEUE,
@@ -183,22 +187,25 @@ class CycleWorkflow:
             # target site reads the source site's frozen exports and writes locally.
             pull = effective_transfer(ctx.policy, ctx.source.site, ctx.target.site) == "pull"
             stream_q = target_q if pull else source_q
-            self._streams = list(
-                await asyncio.gather(
-                    *[
-                        workflow.execute_activity(
-                            "stream.disk",
-                            StreamInput(
-                                ctx=ctx, frozen=frozen.frozen, staging=staging, disk=d.id,
-                                block_size=BLOCK_SIZE,
-                            ),
-                            result_type=StreamResult, task_queue=stream_q,
-                            **STREAM
-                        )
-                        for d in frozen.frozen.disks
-                    ]
+            streams = [
+                workflow.execute_activity(
+                    "stream.disk",
+                    StreamInput(
+                        ctx=ctx, frozen=frozen.frozen, staging=staging, disk=d.id,
+                        block_size=BLOCK_SIZE,
+                    ),
+                    result_type=StreamResult, task_queue=stream_q,
+                    # a cancelled stream is over only when its activity says so: the
+                    # compensation that follows must not race a copy still writing
+                    cancellation_type=workflow.ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    **STREAM
                 )
-            )
+                for d in frozen.frozen.disks
+            ]
+            if workflow.patched(CANCEL_SIBLINGS_PATCH):
+                self._streams = await all_or_cancel(streams)
+            else:
+                self._streams = list(await asyncio.gather(*streams))
             copy_seconds = (workflow.now() - copy_started).total_seconds()
             self._phase = "verify"
             await self._verify_sample(ctx, staging, target_q)
@@ -341,3 +348,21 @@ def _cause(e: BaseException) -> str:
             parts.append(msg)
         cur = cur.__cause__
     return ": ".join(parts) or type(e).__name__
+
+
+async def all_or_cancel(calls: list[Any]) -> list[Any]:
+    """Every call's result in order, like ``asyncio.gather``; but when one fails, the
+    others are cancelled and awaited before its error is raised. A cycle compensates
+    (aborts the staging, releases the source) right after: a sibling stream still
+    retrying would write into a staging being removed, and its activity would outlive
+    the cycle."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        # the siblings end as cancelled (or with their own error): only the first counts
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

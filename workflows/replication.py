@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeUpdate
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from temporal import search_attributes as sa
@@ -50,6 +50,9 @@ MIN_INTERVAL = 10
 # workflow.patched() id of the half-RPO floor and of leaving full cycles out of the
 # interval's sample (histories written before them replay the old rule).
 INTERVAL_PATCH = "interval-half-rpo-floor"
+# workflow.patched() id of unprotect ending the running cycle and removing the source's
+# tracking (histories of removals before it replay without those activities).
+FORGET_PATCH = "remove-forgets-source"
 WINDOW = 50  # cycles kept for p95 and cadence
 MAX_EVENTS_PER_RUN = 500
 FAILED_AFTER = 3
@@ -309,8 +312,8 @@ class ReplicationWorkflow:
                 search_attributes={
                     "SOURCE_PLATFORM": self._view.source.name,
                     "TARGET_PLATFORM": self._view.target.name,
-                    "SOURCE_KIND": self._view.source.kind.value,
-                    "TARGET_KIND": self._view.target.kind.value,
+                    "SOURCE_KIND": str(self._view.source.kind),
+                    "TARGET_KIND": str(self._view.target.kind),
                 },
             ),
             task_queue=CONTROL_TASK_QUEUE, **SHORT
@@ -453,8 +456,8 @@ class ReplicationWorkflow:
             sa.PROTECTION.value_set(self._protection),
             sa.SOURCE_PLATFORM.value_set(self._view.source.name),
             sa.TARGET_PLATFORM.value_set(self._view.target.name),
-            sa.SOURCE_KIND.value_set(self._view.source.kind.value),
-            sa.TARGET_KIND.value_set(self._view.target.kind.value),
+            sa.SOURCE_KIND.value_set(str(self._view.source.kind)),
+            sa.TARGET_KIND.value_set(str(self._view.target.kind)),
             sa.SITE.value_set(self._view.source.site),
             sa.HEALTH.value_set(self._health.value),
             sa.STATE.value_set(self._state().value),
@@ -612,4 +615,40 @@ class ReplicationWorkflow:
                 **SHORT
             )
             self._removed = True
+            if workflow.patched(FORGET_PATCH):
+                await self._leave_nothing_behind()
         return self.status()
+
+    async def _leave_nothing_behind(self) -> None:
+        """After the schedule is gone: no cycle starts any more (the state says removed),
+        the running one ends (cancelled while it copies: it aborts its staging and
+        releases its freeze), then the source forgets this protection's tracking
+        (checkpoints and bitmaps, snapshots) and only this protection's. A failure is
+        kept in ``last_error``; removal itself always completes."""
+        assert self._view is not None
+        await workflow.execute_activity(
+            "protection.set_state",
+            StateChange(protection=self._protection, state=ProtectionState.REMOVED,
+                        health=self._health, reason="replication removed by the operator"),
+            task_queue=CONTROL_TASK_QUEUE, **SHORT
+        )
+        problems = []
+        try:
+            await workflow.execute_activity(
+                "protection.end_cycles", self._protection, result_type=list[str],
+                task_queue=CONTROL_TASK_QUEUE, start_to_close_timeout=timedelta(hours=1),
+                heartbeat_timeout=SHORT["heartbeat_timeout"], retry_policy=SHORT["retry_policy"],
+            )
+        except ActivityError as e:
+            problems.append(f"ending the running cycle failed: {e.cause or e}")
+        try:
+            await workflow.execute_activity(
+                "source.forget", self._protection, result_type=list[str],
+                task_queue=site_task_queue(self._view.source.site), **SHORT
+            )
+        except ActivityError as e:
+            problems.append(f"removing the source's change tracking failed: {e.cause or e}; "
+                            "docs/operations.md (\"Removing a protection\") says what it "
+                            "leaves and how to remove it by hand")
+        if problems:
+            self._carry.last_error = "; ".join(problems)
