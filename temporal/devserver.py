@@ -83,10 +83,13 @@ def start_dev_server(
     ui_port: int | None = None,
     log_file: Path | None = None,
     timeout: float = 60.0,
+    codec_endpoint: str = "",
 ) -> DevServer:
     """Start ``temporal server start-dev`` and wait until its frontend answers.
 
     The same ``db_file`` keeps workflows across restarts (the restart test relies on it).
+    ``codec_endpoint``: the remote codec the UI decodes payloads with
+    (transcend/codec_server.py; ``transcend server`` passes its own).
     """
     db_file.parent.mkdir(parents=True, exist_ok=True)
     ui_port = ui_port or port + 1000
@@ -111,6 +114,7 @@ def start_dev_server(
         "--log-level",
         "warn",
         *dev_server_flags(),
+        *(["--ui-codec-endpoint", codec_endpoint] if codec_endpoint else []),
     ]
     log = log_file.open("ab")
     proc = subprocess.Popen(

@@ -7,7 +7,7 @@ reads the catalog directly and writes platform definitions into it.
 
 
 # Importing each module registers its commands on ``main``.
-from transcend.cli import bandwidth, ca, dr, platforms, protections, report  # noqa: F401
+from transcend.cli import bandwidth, ca, dr, platforms, protections, report, server  # noqa: F401
 from transcend.cli.common import entry, main
 from transcend.cli.protections import running_cycle_progress
 

@@ -1,4 +1,4 @@
-"""Commands for platforms: the dev server, platform definitions, their VMs."""
+"""Commands for platforms: platform definitions and their VMs."""
 
 from __future__ import annotations
 
@@ -17,25 +17,6 @@ from transcend.cli.common import (
 )
 from transcend.models import PlatformSpec
 from transcend.validation import describe
-
-# ------------------------------------------------------------------ server
-
-
-@main.command()
-@click.option("--port", default=7233, show_default=True)
-@click.option("--ui-port", default=8233, show_default=True)
-def server(port: int, ui_port: int) -> None:
-    """Run the embedded Temporal dev server (SQLite file under $TRANSCEND_HOME)."""
-    from temporal.devserver import start_dev_server
-    from transcend.config import settings
-
-    s = start_dev_server(settings().home / "temporal.db", port=port, ui_port=ui_port)
-    click.echo(f"Temporal dev server on {s.address}; UI {s.ui_url}")
-    try:
-        s.process.wait()
-    except KeyboardInterrupt:
-        s.stop()
-
 
 # ------------------------------------------------------------------ platforms
 
