@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client
@@ -77,12 +77,14 @@ async def in_thread(fn: Callable[..., T], *args: object) -> T:
     return await heartbeating(asyncio.to_thread(fn, *args))
 
 
-async def heartbeating(work: Awaitable[T]) -> T:
+async def heartbeating(work: Awaitable[T], details: Sequence[Any] = ()) -> T:
     """Await ``work`` while heartbeating, so a slow but live call (a Temporal RPC on a
-    busy server, a thread) is not mistaken for a dead worker."""
+    busy server, a thread) is not mistaken for a dead worker. ``details``: what each
+    heartbeat carries (a stream repeats its last progress, which the next attempt
+    resumes from, rather than erasing it)."""
     task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_SECONDS)
         if done:
             return task.result()
-        activity.heartbeat()
+        activity.heartbeat(*details)

@@ -29,8 +29,16 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 import blockstream
-from activities.context import ActivityContext, in_thread, permanent
-from connectors.base import Busy, ChangeSet, Frozen, PermanentError, Staging, capabilities_of
+from activities.context import ActivityContext, heartbeating, in_thread, permanent
+from connectors.base import (
+    Busy,
+    ChangeSet,
+    Frozen,
+    PermanentError,
+    Staging,
+    Target,
+    capabilities_of,
+)
 from transcend import nbdtls, pullexport
 from transcend import retention as retention_rules
 from transcend.api import (
@@ -62,6 +70,7 @@ from transcend.models import (
     RecoveryPoint,
     StagingHandle,
     effective_transfer,
+    manifest_block_size,
     replica_disks,
 )
 from transcend.telemetry import record_cycle, record_queue_lag, record_stream
@@ -260,8 +269,17 @@ class CycleActivities:
         return await in_thread(self._begin, inp)
 
     def _begin(self, inp: BeginInput) -> StagingHandle:
+        target = self.ctx.target(inp.ctx.target.name)
+        handle = self._begin_staging(inp, target)
+        # The manifest's block size follows what the target writes (EBS direct: 512 KiB)
+        # and stays the previous point's while that still fits, so its manifest carries.
+        last = inp.ctx.last_point
+        previous = last.disks[0].block_size if last and last.disks else None
+        handle.block_size = manifest_block_size(capabilities_of(target).write_granularity, previous)
+        return handle
+
+    def _begin_staging(self, inp: BeginInput, target: Target) -> StagingHandle:
         ctx = inp.ctx
-        target = self.ctx.target(ctx.target.name)
         with permanent():
             if _transfer(ctx) in ("local", "pull"):
                 # The writer is on this host: the source site's worker (local) or this
@@ -297,7 +315,11 @@ class CycleActivities:
         ppath = _progress_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id,
                                inp.disk)
         prior = Attempts.load(info.heartbeat_details, ppath)
-        prepared = await asyncio.to_thread(self._prepare_stream, inp, prior.durable_offset)
+        # preparing can take a while (connecting; hashing the replica once when the block
+        # size changes): heartbeat meanwhile, carrying the previous attempt's progress
+        prepared = await heartbeating(
+            asyncio.to_thread(self._prepare_stream, inp, prior.durable_offset),
+            details=info.heartbeat_details)
         stream, manifest, original, mpath, changes, resume_from, frozen, staging = prepared
         uris = {"source": inp.frozen.remote[inp.disk].uri if inp.disk in inp.frozen.remote else "",
                 "destination": (inp.staging.remote[inp.disk].uri
@@ -476,7 +498,7 @@ class CycleActivities:
         disk_size = src.size
         mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id, inp.disk)
         kind = changes.summary.kind
-        original = self._base_manifest(inp, kind, disk_size)
+        original = self._base_manifest(inp, kind, disk_size, dst)
         manifest = bytearray(original)
         partial = mpath.with_name(mpath.name + ".partial")
         if resume_from and partial.exists() and len(partial.read_bytes()) == len(original):
@@ -506,7 +528,8 @@ class CycleActivities:
         )
         return stream, manifest, original, mpath, changes, resume_from
 
-    def _base_manifest(self, inp: StreamInput, kind: ChangeKind, disk_size: int) -> bytes:
+    def _base_manifest(self, inp: StreamInput, kind: ChangeKind, disk_size: int,
+                       dst: NbdEndpoint) -> bytes:
         """The manifest the copy starts from: the previous point's (the copy updates
         the blocks it touches) or all zero blocks for a disk seen the first time."""
         last = inp.ctx.last_point
@@ -514,13 +537,23 @@ class CycleActivities:
             packed = self.ctx.catalog.manifest(last.id, inp.disk)
             manifest, header = blockstream.unpack_manifest(packed)
             if header.get("block_size") != inp.block_size:
-                raise ApplicationError(
-                    f"point {last.id} uses block size {header.get('block_size')}, "
-                    f"this cycle {inp.block_size}",
-                    non_retryable=True,
-                )
+                return bytes(self._rehash(inp, dst, disk_size, int(header.get("block_size", 0))))
             return bytes(resize_manifest(manifest, disk_size, inp.block_size))
         return bytes(blockstream.zero_manifest(disk_size, inp.block_size))
+
+    def _rehash(self, inp: StreamInput, dst: NbdEndpoint, disk_size: int, was: int) -> bytearray:
+        """The target now writes in units the previous point's manifest blocks are not a
+        whole number of (its write granularity grew): the old hashes cannot be split or
+        joined, so hash what the staging holds, which is the previous point until this
+        copy writes, in the new block size. Costs one read of the replica disk, once."""
+        log.warning("%s/%s: the manifest block size changes from %d to %d (the target's "
+                    "write granularity); hashing the replica's %d bytes once", inp.ctx.protection,
+                    inp.disk, was, inp.block_size, disk_size)
+        manifest = blockstream.zero_manifest(disk_size, inp.block_size)
+        blockstream.Stream(dst.uri, None, [blockstream.Extent(0, disk_size)], disk_size=disk_size,
+                           manifest=manifest, block_size=inp.block_size,
+                           connections=inp.ctx.policy.connections).run()
+        return manifest
 
     @staticmethod
     def _save_partial(

@@ -345,11 +345,31 @@ class FrozenHandle(Model):
                     "adds its own site's); empty when the frozen disks are read locally")
 
 
+#: The manifest's block size where the target allows it: the unit of hashing, change
+#: planning and verify (docs/blockstream.md "Block size per target").
+MANIFEST_BLOCK_SIZE = 65536
+
+
+def manifest_block_size(write_granularity: int, previous: int | None = None) -> int:
+    """The block size of a cycle's manifest on a target that writes ``write_granularity``
+    bytes at a time: the previous point's while it is still a whole number of those
+    units (its manifest carries forward), else the default or the granularity,
+    whichever is larger (a manifest block is never finer than what the target writes:
+    EBS direct writes 512 KiB blocks)."""
+    if previous and previous % write_granularity == 0:
+        return previous
+    return max(MANIFEST_BLOCK_SIZE, write_granularity)
+
+
 class StagingHandle(Model):
     platform: str
     protection: str
     cycle_id: str
     disks: list[DiskInfo]
+    block_size: int | None = Field(
+        default=None, description="the manifest block size of this cycle, chosen by "
+        "target.begin from the target's write granularity (manifest_block_size); None in "
+        "handles from before it: 64 KiB")
     data: dict[str, Any] = Field(default_factory=dict, description="connector-specific state")
     remote: dict[DiskId, NbdEndpoint] = Field(
         default_factory=dict,

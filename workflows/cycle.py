@@ -45,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from transcend.config import site_task_queue
     from transcend.models import (
+        MANIFEST_BLOCK_SIZE,
         ChangeSummary,
         ProtectionState,
         RecoveryPoint,
@@ -52,7 +53,7 @@ with workflow.unsafe.imports_passed_through():
         effective_transfer,
     )
 
-BLOCK_SIZE = 65536
+BLOCK_SIZE = MANIFEST_BLOCK_SIZE  # where the staging does not say (older workers)
 NON_RETRYABLE = ["PermanentError", "NotFound", "NotFoundError", "AlreadyExists", "InUse"]
 
 # Every activity heartbeats (activities/context.py in_thread, the stream its progress),
@@ -182,6 +183,8 @@ class CycleWorkflow:
                 result_type=StagingHandle, task_queue=target_q, **SHORT
             )
             self._phase = "stream"
+            # the target chose the manifest's block size (None from workers before it)
+            block_size = staging.block_size or BLOCK_SIZE
             copy_started = workflow.now()
             # Push and local: the source site reads and writes to the staging; pull: the
             # target site reads the source site's frozen exports and writes locally.
@@ -192,7 +195,7 @@ class CycleWorkflow:
                     "stream.disk",
                     StreamInput(
                         ctx=ctx, frozen=frozen.frozen, staging=staging, disk=d.id,
-                        block_size=BLOCK_SIZE,
+                        block_size=block_size,
                     ),
                     result_type=StreamResult, task_queue=stream_q,
                     # a cancelled stream is over only when its activity says so: the
@@ -213,7 +216,7 @@ class CycleWorkflow:
             point: RecoveryPoint = await workflow.execute_activity(
                 "target.commit",
                 CommitInput(
-                    ctx=ctx, frozen=frozen.frozen, staging=staging, block_size=BLOCK_SIZE,
+                    ctx=ctx, frozen=frozen.frozen, staging=staging, block_size=block_size,
                     streams=self._streams, checkpoints=frozen.checkpoints,
                 ),
                 result_type=RecoveryPoint, task_queue=target_q, **SHORT
@@ -267,7 +270,8 @@ class CycleWorkflow:
                     workflow.execute_activity(
                         "verify.sample",
                         VerifySampleInput(
-                            staging=staging, ctx=ctx, disk=d.id, block_size=BLOCK_SIZE,
+                            staging=staging, ctx=ctx, disk=d.id,
+                            block_size=staging.block_size or BLOCK_SIZE,
                             seed=workflow.random().getrandbits(63),
                             blocks=ctx.policy.verify_sample_blocks,
                         ),

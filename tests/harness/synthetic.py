@@ -32,7 +32,7 @@ represented is the KVM connector's libvirt backup job and qemu-nbd start.
 
 Platform config (``PlatformSpec.config``), source: ``root``, ``socket`` (the source
 nbdkit's unix socket), ``disk_mib`` (4), ``data_kib`` (256), ``blocks_per_cycle``
-(2); target: ``root``, ``socket``. Points are full sparse image files (a copy of the
+(2); target: ``root``, ``socket``, ``write_granularity`` (512). Points are full sparse image files (a copy of the
 previous point plus this cycle's writes); retention deletes the file.
 """
 
@@ -345,11 +345,13 @@ class SyntheticFrozen:
 
 
 class SyntheticTarget:
-    capabilities = Capabilities()
-
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
         self.exports = Path(info.config["root"]) / "exports"
+        # ``write_granularity`` in the config: a block-API target's unit (EBS direct
+        # writes 512 KiB), so tests can see the manifest block size follow it
+        self.capabilities = Capabilities(
+            write_granularity=int(info.config.get("write_granularity", 512)))
 
     def _name(self, protection: str, cycle_id: str, disk: DiskId, suffix: str) -> str:
         return f"{protection}{SEP}{cycle_id}{SEP}{disk.replace('/', '%')}.{suffix}"
