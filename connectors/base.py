@@ -253,6 +253,19 @@ class DirectDisks(Protocol):
 
 
 @runtime_checkable
+class ConnectivityCheck(Protocol):
+    """Optional on a Source or Target: ``transcend platform check`` (and ``platform add
+    --check``) asks it whether the platform's config and credentials work, before a
+    protection depends on them. Without it the CLI falls back to the inventory
+    (sources) or to constructing the connector (targets)."""
+
+    def check(self) -> list[str]:
+        """What was reached, one line per thing checked ("libvirt 9.0.0 at qemu:///system,
+        3 domains"); raises ConnectorError saying what failed and what to do."""
+        ...
+
+
+@runtime_checkable
 class HealthProbe(Protocol):
     """On a Target with ``capabilities.health``: what the platform says about a booted
     instance. Each method answers from the platform, not from a file of the worker."""

@@ -23,6 +23,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from pydantic import BaseModel, ValidationError
+
 from connectors.base import PermanentError, Source, Target
 from transcend.models import PlatformInfo
 
@@ -164,3 +166,41 @@ def target_for(info: PlatformInfo, secret: dict[str, str]) -> Target:
         f"platform {info.name!r} is of kind {kind!r}, which has no target "
         f"connector in this version (supported as target: {_supported(1)})"
     )
+
+
+def _factories(kind: str) -> list[Any]:
+    if kind in _BUILTIN:
+        return [_builtin_class(kind, 0), _builtin_class(kind, 1)]
+    _ensure_env_plugins()
+    return [f for f in (_sources.get(kind), _targets.get(kind)) if f is not None]
+
+
+def config_model(kind: str) -> type[BaseModel] | None:
+    """The pydantic model of the platform config a kind accepts (a connector class's
+    ``config_model``: one for the platform, used as source and as target), or None
+    where the connector does not declare one (its config is then not checked here)."""
+    for factory in _factories(str(kind)):
+        model = getattr(factory, "config_model", None)
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            return model
+    return None
+
+
+def validate_config(kind: str, config: dict[str, Any]) -> None:
+    """Refuse a platform config its connector would not understand: an unknown key
+    (listing the known ones) or a value of the wrong form. ValueError with the text."""
+    model = config_model(kind)
+    if model is None:
+        return
+    known = sorted(model.model_fields)
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))} for a {kind} platform; known: "
+                         f"{', '.join(known)}")
+    try:
+        model.model_validate(config)
+    except ValidationError as e:
+        from transcend.validation import describe
+
+        raise ValueError(f"config: {describe(e, model)}") from e

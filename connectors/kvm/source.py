@@ -45,6 +45,7 @@ from connectors.base import (
     NotFound,
     PermanentError,
 )
+from connectors.kvm.config import KvmConfig
 from connectors.kvm.domain import domain_disks
 from transcend.models import (
     Capabilities,
@@ -177,6 +178,9 @@ class KvmSource:
     ``work_dir`` (NBD sockets and backup scratch files; default
     ``$TRANSCEND_HOME/kvm-source``)."""
 
+    #: the platform config it accepts, checked by `transcend platform add`
+    config_model = KvmConfig
+
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
         self.uri: str = info.config.get("uri", "qemu:///system")
@@ -210,6 +214,17 @@ class KvmSource:
                     if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                         raise
             return out
+        finally:
+            conn.close()
+
+    def check(self) -> list[str]:
+        """ConnectivityCheck: libvirt answers at the URI, and can take incremental backups."""
+        conn = self._conn()
+        try:
+            lib = conn.getLibVersion()
+            domains = len(conn.listAllDomains(0))
+            return [f"libvirt {lib // 1000000}.{lib // 1000 % 1000}.{lib % 1000} at {self.uri} "
+                    f"({conn.getHostname()}), {domains} domain(s)"]
         finally:
             conn.close()
 

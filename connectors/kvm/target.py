@@ -57,6 +57,7 @@ from connectors.common.qemu import (
     serve_tcp,
 )
 from connectors.kvm import domain as dx
+from connectors.kvm.config import KvmConfig
 from transcend.guestprep import GuestPrepError, prepare_guest
 from transcend.models import (
     BootSpec,
@@ -123,6 +124,9 @@ class KvmTarget:
     - ``cache``: qemu-nbd cache mode for exports (default ``none``; falls back to
       ``writeback`` on filesystems without O_DIRECT).
     """
+
+    #: the platform config it accepts, checked by `transcend platform add`
+    config_model = KvmConfig
 
     #: A production boot starts paused and gets a checkpoint on every disk before its
     #: first instruction; qemu-nbd writes any 512-byte sector; libvirt logs the serial
@@ -214,6 +218,26 @@ class KvmTarget:
                 f"target directory {path} is full: {free} bytes free (less than "
                 f"min_free_bytes={self.min_free}): free space or change root"
             )
+
+    def check(self) -> list[str]:
+        """ConnectivityCheck: the replica root is writable with room, and libvirt (which
+        boots points) answers at the URI."""
+        probe = self.root / f".check-{os.getpid()}"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise PermanentError(f"replica root {self.root} is not writable ({e.strerror or e}): "
+                                 "make it writable by the worker or change root") from e
+        self._check_free(self.root)
+        st = os.statvfs(self.root)
+        lines = [f"replica root {self.root}: writable, {st.f_bavail * st.f_frsize >> 20} MiB free"]
+        conn = self._connect()
+        try:
+            lines.append(f"libvirt at {self.uri} ({conn.getHostname()}) for booting points")
+        finally:
+            conn.close()
+        return lines
 
     def protection_dir(self, protection: str) -> Path:
         return self.root / _check_name("protection", protection)

@@ -156,6 +156,12 @@ class VsphereSession:
             self.user = self.user or str(current.userName)
         self._finalizer = weakref.finalize(self, _logout if not borrowed else _keep, self.si)
 
+    def describe(self) -> str:
+        """What this session reached, for ``transcend platform check``."""
+        about = self.content.about
+        return (f"vSphere {self.host}:{self.port}: {about.fullName} ({about.apiType}), "
+                f"logged in as {self.user or 'a borrowed session'}")
+
     def close(self) -> None:
         self._finalizer()
 

@@ -40,6 +40,7 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from connectors.base import ChangeExtent, ChangeSet, ConnectorError, NotFound, PermanentError
+from connectors.vmware.config import VmwareConfig
 from connectors.vmware.export import (
     CurlSourceFactory,
     SocketServer,
@@ -235,6 +236,9 @@ def identity_change(old: str, new: str) -> str:
 class VmwareSource:
     """``Source`` for vCenter or a standalone ESXi host."""
 
+    #: the platform config it accepts, checked by `transcend platform add`
+    config_model = VmwareConfig
+
     #: power, direct disks and tracking at boot are being added (issue #14); until then
     #: the DR activities refuse VMware where they need them, naming the capability.
     capabilities = Capabilities(guest_family="vmware")
@@ -247,6 +251,10 @@ class VmwareSource:
     def vm_namespace(self) -> str:
         """VM names live in the vCenter (or ESXi host) this platform logs in to."""
         return f"vsphere:{str(self.info.config.get('host', '')).strip()}:{self.info.config.get('port', 443)}"
+
+    def check(self) -> list[str]:
+        """ConnectivityCheck: the login works (certificate trusted, credentials right)."""
+        return [self.s().describe()]
 
     def s(self) -> VsphereSession:
         if self._session is None:

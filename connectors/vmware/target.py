@@ -33,6 +33,7 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from connectors.base import ConnectorError, NotFound, PermanentError
+from connectors.vmware.config import VmwareConfig
 from connectors.vmware.export import VddkSourceFactory, serve_file, serve_nbdkit, vddk_thumbprint
 from connectors.vmware.session import VsphereSession, split_datastore_path
 from connectors.vmware.source import snapshot_named, vm_disks
@@ -66,6 +67,9 @@ class VmwareTarget:
     ``datacenter``, ``cluster`` or ``host``, ``folder``, ``replica_prefix``
     (``transcend-replica-``), ``test_network`` (isolated port group for test
     failovers), ``writer`` (``vddk``/``file``), ``datastore_mounts``, ``vddk_libdir``."""
+
+    #: the platform config it accepts, checked by `transcend platform add`
+    config_model = VmwareConfig
 
     capabilities = Capabilities(guest_family="vmware", write_granularity=512)
 
@@ -111,6 +115,20 @@ class VmwareTarget:
             self._session = None
 
     # ------------------------------------------------------------------ placement
+    def check(self) -> list[str]:
+        """ConnectivityCheck: the login, and that the datacenter, the cluster/host and the
+        datastore the replicas go to exist."""
+        dc = self._datacenter()
+        pool = self._pool(dc)
+        lines = [self.s().describe(), f"datacenter {dc.name!r}, resource pool of {pool.owner.name!r}"]
+        if self.datastore:
+            names = [d.name for d in dc.datastore]
+            if self.datastore not in names:
+                raise PermanentError(f"no datastore {self.datastore!r} in datacenter {dc.name!r}; "
+                                     f"there are: {', '.join(names)}")
+            lines.append(f"datastore {self.datastore!r}")
+        return lines
+
 
     def _datacenter(self) -> Any:
         want = self.config.get("datacenter")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import ValidationError
@@ -17,6 +18,9 @@ from transcend.cli.common import (
 )
 from transcend.models import PlatformSpec
 from transcend.validation import describe
+
+if TYPE_CHECKING:
+    from connectors.check import RoleCheck
 
 # ------------------------------------------------------------------ platforms
 
@@ -34,14 +38,30 @@ def platform() -> None:
 @click.option("--config", "config", multiple=True, help="KEY=VALUE (e.g. uri=qemu:///system)")
 @click.option("--secret", "secret", multiple=True, help="KEY=VALUE credential, stored encrypted")
 @click.option("--replace", is_flag=True)
+@click.option("--check", "check", is_flag=True,
+              help="connect with the config and credentials first; save only if that works")
 def platform_add(name: str, kind: str, site: str, config: tuple[str, ...],
-                 secret: tuple[str, ...], replace: bool) -> None:
+                 secret: tuple[str, ...], replace: bool, check: bool) -> None:
     try:
         spec = PlatformSpec(name=name, kind=kind, site=site,
                             config=_pairs(config, "--config"), secret=_pairs(secret, "--secret"))
     except ValidationError as e:
         fail(f"platform {name!r} not saved: {describe(e, PlatformSpec)}")
         return
+    try:
+        registry.validate_config(spec.kind, spec.config)
+    except ValueError as e:
+        fail(f"platform {name!r} not saved: {e}")
+        return
+    if check:
+        from connectors.check import check_platform
+        from transcend.models import PlatformInfo
+
+        info = PlatformInfo(name=spec.name, kind=spec.kind, site=spec.site, config=spec.config)
+        if not _report_checks(name, check_platform(info, spec.secret)):
+            fail(f"platform {name!r} not saved: the check failed (see above); fix the config "
+                 "or credentials, or save without --check")
+            return
     known = registry.known_kinds()
     if kind not in known:
         # Where the workers load a plugin this process does not, the kind is still valid:
@@ -54,6 +74,32 @@ def platform_add(name: str, kind: str, site: str, config: tuple[str, ...],
         fail(str(e))
         return
     click.echo(f"platform {info.name} ({info.kind}, site {info.site}) saved")
+
+
+def _report_checks(name: str, results: list[RoleCheck]) -> bool:
+    for r in results:
+        mark = "ok" if r.ok else "FAILED"
+        click.echo(f"{name} as {r.role}: {mark}")
+        for line in r.lines:
+            click.echo(f"  {line}")
+    return bool(results) and all(r.ok for r in results)
+
+
+@platform.command("check")
+@click.argument("name")
+def platform_check(name: str) -> None:
+    """Connect to a saved platform with its config and credentials, as each role it has
+    (source, target), and say what was reached or what failed."""
+    from connectors.check import check_platform
+
+    cat = _catalog()
+    try:
+        info, secret = cat.get_platform(name), cat.platform_secret(name)
+    except Exception as e:
+        fail(str(e))
+        return
+    if not _report_checks(name, check_platform(info, secret)):
+        fail(f"platform {name!r}: the check failed (see above)")
 
 
 @platform.command("list")
