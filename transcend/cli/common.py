@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 import click
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from transcend.api import (
     BootTier,
@@ -98,6 +99,41 @@ class _Group(click.Group):
             fail(f"Temporal: {e.message} (is the server at TRANSCEND_TEMPORAL_ADDRESS reachable?)")
         except TemporalUnreachable as e:
             fail(str(e))
+
+
+#: How long a command that waits on a workflow rides out Temporal being unreachable (a
+#: dev-server restart, a cluster failover) before it gives up; the workflow itself
+#: runs on regardless.
+OUTAGE_TOLERANCE = 300.0
+
+
+def _transient(e: RPCError) -> bool:
+    return e.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED) or (
+        e.status == RPCStatusCode.UNKNOWN and "transport" in e.message.lower())
+
+
+async def riding_out_outages(call: Callable[[], Awaitable[T]], what: str,
+                             tolerance: float = OUTAGE_TOLERANCE) -> T:
+    """``await call()``, calling it again while Temporal is unreachable, for up to
+    ``tolerance`` seconds: a long ``verify`` or ``failover --wait`` survives a server
+    restart instead of failing with a transport error (issue #16)."""
+    deadline: float | None = None
+    delay = 1.0
+    while True:
+        try:
+            return await call()
+        except RPCError as e:
+            if not _transient(e):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + tolerance
+                click.echo(f"Temporal is unreachable while waiting for {what} ({e.message}); "
+                           f"retrying for up to {tolerance:.0f} s (the workflow runs on)", err=True)
+            elif now > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 @click.group(cls=_Group)

@@ -42,6 +42,7 @@ from transcend.cli.common import (
     main,
     parse_reip,
     parse_tiers,
+    riding_out_outages,
     run_async,
 )
 from transcend.models import (
@@ -115,10 +116,10 @@ async def test_failover(protection: str, point_id: str | None, console_pattern: 
     if not wait:
         return
     while True:
-        desc = await handle.describe()
+        desc = await riding_out_outages(handle.describe, f"workflow {handle.id}")
         if desc.status != WorkflowExecutionStatus.RUNNING:
             try:
-                await handle.result()
+                await riding_out_outages(handle.result, f"workflow {handle.id}")
             except WorkflowFailureError as e:
                 fail(_failure_text(e))
             return
@@ -141,7 +142,7 @@ async def cleanup(protection: str) -> None:
     handle = client.get_workflow_handle(test_failover_id(protection), result_type=TestFailoverStatus)
     try:
         await handle.signal("cleanup")
-        st = await handle.result()
+        st = await riding_out_outages(handle.result, f"workflow {handle.id}")
     except RPCError as e:
         fail(f"no test failover of {protection!r} is running ({e.message})")
         return
@@ -156,7 +157,7 @@ async def _follow(handle: Any, status_type: type[Any], describe: Callable[[Any],
     """Print the operation's phase as it changes until the workflow ends; its result."""
     last = ""
     while True:
-        desc = await handle.describe()
+        desc = await riding_out_outages(handle.describe, f"workflow {handle.id}")
         try:
             st = await handle.query("progress", result_type=status_type)
             line = describe(st)
@@ -167,7 +168,7 @@ async def _follow(handle: Any, status_type: type[Any], describe: Callable[[Any],
             pass
         if desc.status != WorkflowExecutionStatus.RUNNING:
             try:
-                return await handle.result()
+                return await riding_out_outages(handle.result, f"workflow {handle.id}")
             except WorkflowFailureError as e:
                 fail(_failure_text(e))
         await asyncio.sleep(1)

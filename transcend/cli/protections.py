@@ -45,6 +45,7 @@ from transcend.cli.common import (
     input_error,
     main,
     parse_reip,
+    riding_out_outages,
     run_async,
 )
 from transcend.client import TemporalUnreachable
@@ -120,10 +121,10 @@ async def _wait_first_point(client: Client, name: str, timeout: int) -> None:
     handle = client.get_workflow_handle(replication_id(name))
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
-        desc = await handle.describe()
+        desc = await riding_out_outages(handle.describe, f"workflow {handle.id}")
         if desc.status != WorkflowExecutionStatus.RUNNING:
             try:
-                await handle.result()
+                await riding_out_outages(handle.result, f"workflow {handle.id}")
             except WorkflowFailureError as e:
                 fail(f"protection {name} failed: {_failure_text(e)}")
             return
@@ -390,11 +391,13 @@ async def verify(point_id: str) -> None:
     """Re-read a point and compare every block with its manifest."""
     client = await _client()
     try:
-        result: VerifyResult = await client.execute_workflow(
+        handle = await client.start_workflow(
             VERIFY_WORKFLOW, VerifyInput(point_id=point_id), id=verify_id(point_id),
             task_queue=CONTROL_TASK_QUEUE, result_type=VerifyResult,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         )
+        # a verify of a large point takes a while: ride out a Temporal restart meanwhile
+        result: VerifyResult = await riding_out_outages(handle.result, f"the verify of {point_id}")
     except WorkflowFailureError as e:
         fail(_failure_text(e))
         return
