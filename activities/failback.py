@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
@@ -32,11 +33,13 @@ import blockstream
 from activities.context import ActivityContext, in_thread, permanent
 from activities.dr import power_of, record_of, tracking_protection
 from connectors.base import (
+    DirectDisks,
     DiskAccess,
     Frozen,
     PermanentError,
     PowerControl,
     Source,
+    capabilities_of,
     require_direct_disks,
     require_power,
 )
@@ -228,11 +231,22 @@ async def copy_with_progress(fn: Callable[[], T], live: list[blockstream.Stream]
         raise
 
 
-def disk_hashes(source: Source, vm: str) -> list[tuple[str, str]]:
-    """sha256 of every disk of the shut-off ``vm`` through its platform's DirectDisks."""
-    direct = require_direct_disks(source, "VM's")
-    with direct.open_disks(vm, readonly=True) as disks:
-        return [(d.disk, export_sha256(d.uri)) for d in disks]
+def disk_hashes(source: Source, vm: str, protection: str) -> list[tuple[str, str]]:
+    """sha256 of every disk of the shut-off ``vm``: through its platform's DirectDisks,
+    or, on a platform that offers none (the failed-over side need not: failback only
+    writes into the original), through a freeze of it that is not committed, so its
+    tracking stays where it was."""
+    if capabilities_of(source).direct_disks and isinstance(source, DirectDisks):
+        with source.open_disks(vm, readonly=True) as disks:
+            return [(d.disk, export_sha256(d.uri)) for d in disks]
+    wl = source.workload(vm)
+    frozen = source.freeze(tracking_protection(protection), f"fbverify-{uuid.uuid4().hex[:8]}",
+                           [wl], {}, FreezeOptions(offline_ok=True))
+    try:
+        return [(d.id, export_sha256(frozen.export(d.id).uri)) for d in frozen.handle.disks]
+    finally:
+        frozen.release(committed=False)
+        frozen.close()
 
 
 def pass_id_of_activity() -> str:
@@ -341,8 +355,8 @@ class FailbackActivities:
                 original, failed_over = failback_sides(self.ctx, protection)
                 diffs, disks = [], 0
                 for v in record.vms:
-                    a = disk_hashes(original, v.source_vm)
-                    b = disk_hashes(failed_over, v.instance.id)
+                    a = disk_hashes(original, v.source_vm, protection)
+                    b = disk_hashes(failed_over, v.instance.id, protection)
                     if len(a) != len(b):
                         diffs.append(f"{v.vm}: {len(a)} disks at the original, {len(b)} "
                                      "failed over")

@@ -179,7 +179,8 @@ class FailbackSiteActivities:
                 source = self.ctx.source(platform)
                 out = FailbackHashes(side="original" if original else "failed-over")
                 for v in record.vms:
-                    out.disks[v.vm] = disk_hashes(source, v.source_vm if original else v.instance.id)
+                    out.disks[v.vm] = disk_hashes(source, v.source_vm if original else v.instance.id,
+                                                  protection)
             return out
 
         return await in_thread(run)

@@ -25,8 +25,8 @@ from typing import Any, cast
 
 from pydantic import BaseModel, ValidationError
 
-from connectors.base import PermanentError, Source, Target
-from transcend.models import PlatformInfo
+from connectors.base import PermanentError, Source, Target, capabilities_of
+from transcend.models import Capabilities, PlatformInfo
 
 SourceFactory = Callable[[PlatformInfo, dict[str, str]], Source]
 TargetFactory = Callable[[PlatformInfo, dict[str, str]], Target]
@@ -204,3 +204,17 @@ def validate_config(kind: str, config: dict[str, Any]) -> None:
         from transcend.validation import describe
 
         raise ValueError(f"config: {describe(e, model)}") from e
+
+
+def declared_capabilities(kind: str, role: str) -> Capabilities:
+    """What a kind's source or target connector class declares, without constructing
+    one (no platform, no connection): for planning and tests. A plugin whose factory is
+    not a class with ``capabilities`` declares nothing here."""
+    index = {"source": 0, "target": 1}[role]
+    k = str(kind)
+    if k in _BUILTIN:
+        factory: Any = _builtin_class(k, index)
+    else:
+        _ensure_env_plugins()
+        factory = (_sources if index == 0 else _targets).get(k)
+    return capabilities_of(factory)

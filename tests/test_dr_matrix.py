@@ -11,6 +11,11 @@ point is incremental and equals the model of the failed-over side plus the new
 write (so the original's disks held exactly the failed-over VM's bytes; the
 failback's own verify compared both sides' hashes too).
 
+A pair whose original cannot be written directly (no ``direct_disks``: VMware today)
+runs up to the failover and then checks that the failback is refused by name with
+nothing changed; a target without ``tracking_at_boot`` fails back with a first pass
+that compares hashes.
+
 No guest boots here (the disks hold no OS; health kind ``none``, no conversion):
 real boots, migration of a running guest and the seconds of RTO are the subject of
 tests/test_dr_failover.py and tests/test_group_dr.py.
@@ -25,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.client import WorkflowFailureError
 
-from connectors.base import capabilities_of
 from connectors.common.qemu import export_sha256
-from connectors.registry import source_for, target_for
+from connectors.registry import declared_capabilities, target_for
 from tests.harness.dr import result_despite_kill
 from tests.harness.drkit import MiB, Vm, apply, kit, vm_name
 from tests.harness.libvirtd import traversable
@@ -43,7 +48,8 @@ from tests.harness.stack import Stack
 from transcend import api
 from transcend.api import CONTROL_TASK_QUEUE, HealthCheck
 from transcend.catalog import Catalog
-from transcend.models import ChangeKind, PlatformInfo, ProtectionState, RecoveryPoint
+from transcend.cli.common import _failure_text
+from transcend.models import ChangeKind, ProtectionState, RecoveryPoint
 
 pytestmark = [pytest.mark.guest]
 
@@ -78,20 +84,28 @@ def _point_sha(cat: Catalog, point: RecoveryPoint) -> list[str]:
     return out
 
 
-def _skip_without_dr_capabilities(kinds: list[str]) -> None:
-    """Failover shuts the source down and failback starts it and writes its disks, on
-    both sides' platforms (failback reads the failed-over VM with the target platform's
-    Source): a connector that does not declare power and direct disks cannot take part
-    yet. Skipped, naming what is missing, rather than left out of the matrix."""
-    missing = []
-    for kind in dict.fromkeys(kinds):
-        info = PlatformInfo(name=f"probe-{kind}", kind=kind, site="local", config={})
-        caps = capabilities_of(source_for(info, {}))
-        lack = [c for c in ("power", "direct_disks") if not getattr(caps, c)]
-        if lack:
-            missing.append(f"the {kind} connector declares no {' or '.join(lack)}")
+def _caps(kind: str) -> Any:
+    return declared_capabilities(kind, "source")
+
+
+def _target_caps(kind: str) -> Any:
+    return declared_capabilities(kind, "target")
+
+
+def _skip_without_power(kinds: list[str]) -> None:
+    """Failover shuts the source down and failback stops the failed-over VM, through
+    each side's Source: a connector that does not declare power cannot take part yet.
+    Skipped, naming what is missing, rather than left out of the matrix."""
+    missing = [f"the {k} connector declares no power control" for k in dict.fromkeys(kinds)
+               if not _caps(k).power]
     if missing:
         pytest.skip("; ".join(missing) + " yet (issue #14)")
+
+
+def _can_fail_back(src_kind: str) -> bool:
+    """Failback writes into the original VM's own disks (its Source's DirectDisks); the
+    failed-over side is read through its Source's freeze, which every Source has."""
+    return bool(_caps(src_kind).direct_disks)
 
 
 @pytest.mark.timeout(1500)
@@ -99,7 +113,7 @@ def _skip_without_dr_capabilities(kinds: list[str]) -> None:
 def test_replicate_test_failover_failover_failback(src_kind: str, dst_kind: str, stack: Stack,
                                                     tmp_path: Path,
                                                     request: pytest.FixtureRequest) -> None:
-    _skip_without_dr_capabilities([src_kind, dst_kind])
+    _skip_without_power([src_kind, dst_kind])
     vsphere = request.getfixturevalue("vsphere") if "vmware" in (src_kind, dst_kind) else None
     with traversable(tmp_path):  # the qemu user reaches the replicas and boot overlays
         asyncio.run(_pair(src_kind, dst_kind, stack, tmp_path, vsphere))
@@ -176,6 +190,19 @@ async def _pair(src_kind: str, dst_kind: str, stack: Stack, tmp_path: Path,
             for off, n in orig_writes:
                 sk.write(vm, 0, off, _data(20, n))
 
+            if not _can_fail_back(src_kind):
+                # ---- the pair cannot fail back yet: refused by name, nothing changed
+                with pytest.raises(WorkflowFailureError) as refused:
+                    await client.execute_workflow(
+                        api.FAILBACK_WORKFLOW, api.FailbackInput(protection=p),
+                        id=api.failback_id(p), task_queue=CONTROL_TASK_QUEUE,
+                        result_type=api.FailbackStatus)
+                assert "direct disk access" in _failure_text(refused.value), refused.value
+                assert cat.get_protection(p).state == ProtectionState.FAILED_OVER
+                assert dk.instance_exists(prod_name)
+                assert vm.sha256() == sk.read(vm)  # the original's disks untouched
+                return
+
             # ---- failback, the worker killed -9 in the middle
             fb = await client.start_workflow(
                 api.FAILBACK_WORKFLOW,
@@ -186,10 +213,17 @@ async def _pair(src_kind: str, dst_kind: str, stack: Stack, tmp_path: Path,
                                                {"syncing", "shutdown-failed-over", "final-sync"})
             # Done includes the failback's own verify: both sides' disks hashed equal.
             assert result.phase == "done", result
-            tracked = [x for x in result.passes if x.mode == "tracked"]
-            assert len(tracked) == len(result.passes), result.passes
-            assert sum(x.failed_over_bytes for x in result.passes) >= _blocks(fo_writes)
-            assert result.passes[0].original_bytes == _blocks(orig_writes), result.passes[0]
+            if _target_caps(dst_kind).tracking_at_boot:
+                # the production boot tracked its writes: every pass copies what changed
+                tracked = [x for x in result.passes if x.mode == "tracked"]
+                assert len(tracked) == len(result.passes), result.passes
+                assert sum(x.failed_over_bytes for x in result.passes) >= _blocks(fo_writes)
+                assert result.passes[0].original_bytes == _blocks(orig_writes), result.passes[0]
+            else:
+                # no tracking from the boot: the first pass compares both sides' hashes,
+                # the next ones track from the checkpoint the first one left
+                assert result.passes[0].mode == "hash-compare", result.passes
+                assert all(x.mode == "tracked" for x in result.passes[1:]), result.passes
             written = sum(x.bytes_written + x.bytes_zeroed for x in result.passes)
             # Only the union travelled (a pass repeated after the kill may resend it).
             assert _blocks(fo_writes + orig_writes) <= written <= 2 * _blocks(fo_writes + orig_writes)

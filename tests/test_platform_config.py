@@ -66,8 +66,8 @@ def test_platform_add_refuses_bad_config_and_saves_nothing(home: Path) -> None:
     code, _, err = cli("platform", "add", "p1", "--kind", "kvm", "--config", "uri=qemu//system")
     assert code == 2 and "not a libvirt URI" in err, err
     assert saved(home) == []
-    code, out, err = cli("platform", "add", "p1", "--kind", "kvm", "--config",
-                         f"root={home / 'replicas'}", "--config", "uri=test:///default")
+    code, _, err = cli("platform", "add", "p1", "--kind", "kvm", "--config",
+                       f"root={home / 'replicas'}", "--config", "uri=test:///default")
     assert code == 0, err
     assert saved(home) == ["p1"]
 

@@ -40,6 +40,7 @@ from typing import Any
 from pyVmomi import vim, vmodl
 
 from connectors.base import ChangeExtent, ChangeSet, ConnectorError, NotFound, PermanentError
+from connectors.vmware import power
 from connectors.vmware.config import VmwareConfig
 from connectors.vmware.export import (
     CurlSourceFactory,
@@ -239,9 +240,10 @@ class VmwareSource:
     #: the platform config it accepts, checked by `transcend platform add`
     config_model = VmwareConfig
 
-    #: power, direct disks and tracking at boot are being added (issue #14); until then
-    #: the DR activities refuse VMware where they need them, naming the capability.
-    capabilities = Capabilities(guest_family="vmware")
+    #: power: failover and migration shut a VMware source down, failback starts it
+    #: (connectors/vmware/power.py). Direct disks (failback writing into a VMware VM
+    #: through VDDK) are not offered yet, so failback *into* VMware is refused by name.
+    capabilities = Capabilities(guest_family="vmware", power=True)
 
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
@@ -276,6 +278,21 @@ class VmwareSource:
 
     def workload(self, ref_or_name: str) -> Workload:
         return workload_from_vm(self.info.name, self.s().find_vm(ref_or_name))
+
+    # ------------------------------------------------------------------ power
+
+    def power_state(self, vm: str) -> str:
+        return power.power_state(self.s(), vm)
+
+    def power_off(self, vm: str, timeout_seconds: float, force: bool) -> bool:
+        return power.power_off(self.s(), vm, timeout_seconds, force)
+
+    def power_on(self, vm: str) -> None:
+        power.power_on(self.s(), vm)
+
+    def settle(self, vm: str) -> None:
+        """Nothing to undo: transcend never pauses a vSphere VM, and the snapshot of a
+        freeze that crashed is removed by the protection's next freeze (or forget)."""
 
     # ------------------------------------------------------------------ freeze
 

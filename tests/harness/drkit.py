@@ -71,6 +71,10 @@ class Kit(Protocol):
         """Into a recovered instance's disk; the kit may power it off first."""
         ...
 
+    def read(self, vm: Vm) -> list[str]:
+        """sha256 of each disk of the VM as it is now (to compare with the model)."""
+        ...
+
     def instance_exists(self, name: str) -> bool: ...
 
     def remove_vm(self, name: str) -> None:
@@ -150,6 +154,19 @@ class KvmKit:
         if out.strip():
             raise RuntimeError(f"qemu-io write failed: {out!r}")
 
+    def read(self, vm: Vm) -> list[str]:
+        """sha256 of each of the VM's disks as they are now (not the model)."""
+        out = []
+        for image in _domain_images(self.conn.lookupByName(vm.name)):
+            raw = self.root / f".r-{uuid.uuid4().hex}"
+            try:
+                subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image, str(raw)],
+                               check=True, capture_output=True)
+                out.append(hashlib.sha256(raw.read_bytes()).hexdigest())
+            finally:
+                raw.unlink(missing_ok=True)
+        return out
+
     def write_instance(self, instance: Instance, disk: int, offset: int, data: bytes) -> None:
         dom = self.conn.lookupByUUIDString(instance.id)
         if dom.isActive():
@@ -186,8 +203,18 @@ class VmwareKit:
 
     def __init__(self, sim: Any, si: Any) -> None:
         self.sim = sim
-        self.si = si
+        self._si = si
         self.made: list[str] = []
+
+    @property
+    def si(self) -> Any:
+        """The session, logged in again when the simulator dropped its idle connection
+        (a DR flow leaves it unused for a minute)."""
+        try:
+            self._si.CurrentTime()
+        except Exception:
+            self._si = self.sim.connect()
+        return self._si
 
     def add_platform(self, cat: Catalog, name: str) -> None:
         sim = self.sim
@@ -230,6 +257,11 @@ class VmwareKit:
 
         apply(vm.disks[disk], offset, data)
         write(self._file(self._vm(vm.name), disk), offset, data)
+
+    def read(self, vm: Vm) -> list[str]:
+        """sha256 of each of the VM's disks as they are now: its current data files."""
+        files = self.sim.disk_files(self._vm(vm.name)._moId).values()
+        return [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files]
 
     def write_instance(self, instance: Instance, disk: int, offset: int, data: bytes) -> None:
         from tests.harness.vcsim import write

@@ -32,8 +32,9 @@ represented is the KVM connector's libvirt backup job and qemu-nbd start.
 
 Platform config (``PlatformSpec.config``), source: ``root``, ``socket`` (the source
 nbdkit's unix socket), ``disk_mib`` (4), ``data_kib`` (256), ``blocks_per_cycle``
-(2); target: ``root``, ``socket``, ``write_granularity`` (512). Points are full sparse image files (a copy of the
-previous point plus this cycle's writes); retention deletes the file.
+(2); target: ``root``, ``socket``, ``write_granularity`` (512). Points are full sparse
+image files (a copy of the previous point plus this cycle's writes); retention deletes
+the file.
 """
 
 from __future__ import annotations
