@@ -34,13 +34,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from contextlib import AbstractContextManager
 from datetime import UTC
 from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from connectors.base import ChangeExtent, ChangeSet, ConnectorError, NotFound, PermanentError
-from connectors.vmware import power
+from connectors.base import (
+    ChangeExtent,
+    ChangeSet,
+    ConnectorError,
+    DiskAccess,
+    NotFound,
+    PermanentError,
+)
+from connectors.vmware import direct, power
 from connectors.vmware.config import VmwareConfig
 from connectors.vmware.export import (
     CurlSourceFactory,
@@ -241,9 +249,9 @@ class VmwareSource:
     config_model = VmwareConfig
 
     #: power: failover and migration shut a VMware source down, failback starts it
-    #: (connectors/vmware/power.py). Direct disks (failback writing into a VMware VM
-    #: through VDDK) are not offered yet, so failback *into* VMware is refused by name.
-    capabilities = Capabilities(guest_family="vmware", power=True)
+    #: (connectors/vmware/power.py); direct disks: failback writes into a shut-off
+    #: VMware VM's disks through VDDK (connectors/vmware/direct.py).
+    capabilities = Capabilities(guest_family="vmware", power=True, direct_disks=True)
 
     def __init__(self, info: PlatformInfo, secret: dict[str, str]) -> None:
         self.info = info
@@ -289,6 +297,15 @@ class VmwareSource:
 
     def power_on(self, vm: str) -> None:
         power.power_on(self.s(), vm)
+
+    def open_disks(self, vm: str, *, readonly: bool) -> AbstractContextManager[list[DiskAccess]]:
+        cfg = self.s().find_vm(vm).config
+        if cfg is None:
+            raise ConnectorError(f"VM {vm!r} has no configuration (inaccessible or orphaned)")
+        devices = {d.key: d for d in cfg.hardware.device}
+        disks = vm_disks(cfg.hardware.device)
+        return direct.open_disks(self.s(), self.info, self.secret, vm, readonly=readonly,
+                                 disk_ids=[disk_id(d, devices) for d in disks], devices=disks)
 
     def settle(self, vm: str) -> None:
         """Nothing to undo: transcend never pauses a vSphere VM, and the snapshot of a

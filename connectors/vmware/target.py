@@ -25,7 +25,6 @@ is a raw image (the simulator's model, not VMFS or NFS snapshot deltas).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,9 @@ from pyVmomi import vim, vmodl
 from connectors.base import ConnectorError, NotFound, PermanentError
 from connectors.vmware.config import VmwareConfig
 from connectors.vmware.export import VddkSourceFactory, serve_file, serve_nbdkit, vddk_thumbprint
-from connectors.vmware.session import VsphereSession, split_datastore_path
+from connectors.vmware.files import config_map, data_file
+from connectors.vmware.session import VsphereSession
 from connectors.vmware.source import snapshot_named, vm_disks
-from connectors.vmware.vmdk import parse_descriptor
 from transcend.models import (
     BootSpec,
     Capabilities,
@@ -97,17 +96,7 @@ class VmwareTarget:
         return self._session
 
     def _config_map(self, key: str) -> dict[str, str]:
-        """A mapping from the config: a dict, or JSON text (``--config 'k={"a": "b"}'``)."""
-        raw = self.config.get(key) or {}
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except ValueError as e:
-                raise PermanentError(f"platform {self.info.name!r}: config {key} is not a JSON "
-                                     f"object: {e}") from e
-        if not isinstance(raw, dict):
-            raise PermanentError(f"platform {self.info.name!r}: config {key} must map names to names")
-        return {str(k): str(v) for k, v in raw.items()}
+        return config_map(self.config, key, self.info.name)
 
     def close_session(self) -> None:
         if self._session is not None:
@@ -270,16 +259,8 @@ class VmwareTarget:
     def _disk_files(self, config: Any, ids: list[DiskId]) -> dict[DiskId, tuple[Any, str]]:
         """disk id -> (device, data file path on the worker) for the ``file`` writer."""
         mounts = self._config_map("datastore_mounts")
-        out = {}
-        for did, d in replica_disk_map(config, ids).items():
-            ds, path = split_datastore_path(d.backing.fileName)
-            if ds not in mounts:
-                raise PermanentError(f"writer 'file' needs datastore_mounts[{ds!r}] (where the "
-                                     "datastore is mounted on this worker)")
-            desc_path = Path(mounts[ds]) / path
-            desc = parse_descriptor(desc_path.read_text(errors="replace"), str(desc_path))
-            out[did] = (d, str(desc_path.parent / desc.extents[0].file))
-        return out
+        return {did: (d, str(data_file(mounts, d.backing.fileName)))
+                for did, d in replica_disk_map(config, ids).items()}
 
     def _export(self, vm_moref: str, config: Any, ids: list[DiskId], disk: DiskId, snapshot: str,
                 writable: bool, what: str) -> tuple[NbdEndpoint, Any]:
