@@ -251,6 +251,21 @@ def _watch(s: Stream) -> tuple[threading.Event, list[Progress], threading.Thread
     return done, seen, t
 
 
+def _run_in_thread(stream: Stream) -> tuple[threading.Thread, dict[str, object]]:
+    """``stream.run()`` in a thread; its result ("p") or exception ("e") in the dict."""
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["p"] = stream.run()
+        except BaseException as e:
+            result["e"] = e
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    return runner, result
+
+
 def test_stalled_destination_fails_with_the_extent_within_max_unflushed(
         src: NbdServer, source_file: Path, dst_qcow2: Path) -> None:
     """A destination that stops answering (SIGSTOP, connections stay open): the
@@ -263,16 +278,7 @@ def test_stalled_destination_fails_with_the_extent_within_max_unflushed(
                    flush_interval=64 * MiB, flush_seconds=0.5, rate_limit=16 * MiB,
                    max_unflushed=cap, request_timeout=2.0)
         done, seen, watcher = _watch(s)
-        result: dict[str, object] = {}
-
-        def run() -> None:
-            try:
-                result["p"] = s.run()
-            except BaseException as e:
-                result["e"] = e
-
-        runner = threading.Thread(target=run, daemon=True)
-        runner.start()
+        runner, result = _run_in_thread(s)
         deadline = time.monotonic() + 30
         while s.progress().bytes_written < 12 * MiB:
             assert time.monotonic() < deadline and runner.is_alive(), result
@@ -306,16 +312,7 @@ def test_stalled_source_fails_with_the_extent(source_file: Path, dst_qcow2: Path
             qemu_nbd(dst_qcow2, fmt="qcow2") as dst:
         st = Stream(s.uri, dst.uri, whole(), disk_size=DISK, connections=2, max_request=MiB,
                     rate_limit=8 * MiB, request_timeout=2.0)
-        result: dict[str, object] = {}
-
-        def run() -> None:
-            try:
-                result["p"] = st.run()
-            except BaseException as e:
-                result["e"] = e
-
-        runner = threading.Thread(target=run, daemon=True)
-        runner.start()
+        runner, result = _run_in_thread(st)
         deadline = time.monotonic() + 30
         while st.progress().bytes_read < 4 * MiB:
             assert time.monotonic() < deadline and runner.is_alive(), result

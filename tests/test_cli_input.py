@@ -14,17 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from temporal.devserver import free_port
+from tests.harness.seed import seed_web_protection
 from transcend.catalog import Catalog
 from transcend.cli import main
 from transcend.config import settings
-from transcend.models import (
-    DiskInfo,
-    PlatformSpec,
-    ProtectionPolicy,
-    ProtectionSpec,
-    Workload,
-    WorkloadRef,
-)
 
 
 @pytest.fixture
@@ -33,15 +26,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("TRANSCEND_CONFIG", str(tmp_path / "none.toml"))
     monkeypatch.setenv("TRANSCEND_TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")  # nobody there
     settings.cache_clear()
-    cat = Catalog.from_settings()
-    cat.add_platform(PlatformSpec(name="src", kind="kvm", config={"uri": "qemu:///system"}))
-    cat.add_platform(PlatformSpec(name="dst", kind="kvm", config={"root": str(tmp_path / "r")}))
-    wl = Workload(ref=WorkloadRef(platform="src", id="vm1"), name="vm1", cpus=1, memory_mib=64,
-                  disks=[DiskInfo(id="vda", size=1 << 20)])
-    cat.add_protection(ProtectionSpec(name="web", source_platform="src", workloads=["vm1"],
-                                      target_platform="dst",
-                                      policy=ProtectionPolicy(rpo_seconds=900)), [wl])
-    cat.close()
+    seed_web_protection(tmp_path)
     try:
         yield tmp_path
     finally:

@@ -14,20 +14,12 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
 from temporal.devserver import free_port, start_dev_server
+from tests.harness.seed import seed_web_protection
 from transcend.api import REPLICATION_WORKFLOW, ReplicationInput, replication_id
-from transcend.catalog import Catalog
 from transcend.cli import main
 from transcend.cli.common import riding_out_outages
 from transcend.client import connect
 from transcend.config import settings
-from transcend.models import (
-    DiskInfo,
-    PlatformSpec,
-    ProtectionPolicy,
-    ProtectionSpec,
-    Workload,
-    WorkloadRef,
-)
 
 OUTAGE = 15.0  # longer than the SDK's own retries of a long poll (~10 s)
 
@@ -72,15 +64,7 @@ def test_status_with_no_worker_says_the_worker_does_not_answer(
     monkeypatch.setenv("TRANSCEND_TEMPORAL_ADDRESS", dev.address)
     settings.cache_clear()
     try:
-        cat = Catalog.from_settings()
-        cat.add_platform(PlatformSpec(name="src", kind="kvm", config={}))
-        cat.add_platform(PlatformSpec(name="dst", kind="kvm", config={"root": str(tmp_path / "r")}))
-        wl = Workload(ref=WorkloadRef(platform="src", id="vm1"), name="vm1", cpus=1, memory_mib=64,
-                      disks=[DiskInfo(id="vda", size=1 << 20)])
-        cat.add_protection(ProtectionSpec(name="web", source_platform="src", workloads=["vm1"],
-                                          target_platform="dst",
-                                          policy=ProtectionPolicy(rpo_seconds=900)), [wl])
-        cat.close()
+        seed_web_protection(tmp_path)
 
         async def start() -> None:  # running, but no worker polls its queue
             client = await connect()

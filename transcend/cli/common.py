@@ -167,14 +167,15 @@ def _parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def input_error(e: Exception) -> str:
+def input_error(e: Exception, model: Any = None) -> str:
     """A refused input as one line: ``field: what is wrong, what is allowed`` for a
-    model's validation error (transcend/validation.py), else the error's own text."""
+    model's validation error (transcend/validation.py; with ``model``, an unknown field
+    lists the known ones), else the error's own text."""
     from pydantic import ValidationError
 
     from transcend.validation import describe
 
-    return describe(e) if isinstance(e, ValidationError) else str(e)
+    return describe(e, model) if isinstance(e, ValidationError) else str(e)
 
 
 

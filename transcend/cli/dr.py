@@ -49,7 +49,6 @@ from transcend.models import (
     ProtectionState,
     parse_duration,
 )
-from transcend.validation import describe
 
 S = ProtectionState
 
@@ -98,11 +97,8 @@ async def test_failover(protection: str, point_id: str | None, console_pattern: 
             health=HealthCheck(kind="console" if console_pattern else "none", pattern=console_pattern,
                                timeout_seconds=parse_duration(health_timeout)),
         )
-    except ValidationError as e:
-        fail(describe(e, TestFailoverInput))
-        return
-    except ValueError as e:
-        fail(str(e))
+    except ValueError as e:  # pydantic's ValidationError too
+        fail(input_error(e, TestFailoverInput))
         return
     if not _refuse_unless(protection, (S.PROTECTING, S.PAUSED), "test-fail over",
                           "a test failover needs a protected (or paused) protection with a point"):
@@ -304,11 +300,8 @@ async def failback(protection: str, migrate_now: bool, signal_migrate: bool, syn
                                 sync_interval_seconds=parse_duration(sync_interval),
                                 start_original=start_original, keep_failed_over=keep_failed_over,
                                 verify=verify)
-        except ValidationError as e:
-            fail(describe(e, FailbackInput))
-            return
-        except ValueError as e:
-            fail(str(e))
+        except ValueError as e:  # pydantic's ValidationError too
+            fail(input_error(e, FailbackInput))
             return
         if not _refuse_unless(protection, (S.FAILED_OVER, S.FAILING_BACK), "fail back",
                               "only a failed-over protection can fail back (`transcend "
