@@ -88,7 +88,9 @@ def test_ui_shows_decoded_input_only_with_the_codec_server(home: tuple[Path, int
         with Browser(tmp / "profile", tmp / "chromium.log") as browser:
             text = browser.wait_for_text(browser.open(page),
                                          lambda t: WORKLOAD in t and "1234" in t, timeout=60)
-        assert WORKLOAD in text and "rpo_seconds" in text and "1234" in text, text[-3000:]
+        # the protection's name and RPO, decoded (neither is in the workflow's id)
+        assert '"uicheck"' in text and WORKLOAD in text, text[-3000:]
+        assert "rpo_seconds" in text and "1234" in text, text[-3000:]
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
@@ -104,7 +106,8 @@ def test_ui_shows_decoded_input_only_with_the_codec_server(home: tuple[Path, int
             text = browser.wait_for_text(session, lambda t: WID in t and CIPHERTEXT.search(t)
                                          is not None, timeout=60)
             assert CIPHERTEXT.search(text), text[-3000:]
-        assert WORKLOAD not in text and "rpo_seconds" not in text, text[-3000:]
+        assert "uicheck" not in text and WORKLOAD not in text and "rpo_seconds" not in text, \
+            text[-3000:]
     finally:
         dev.stop()
 
