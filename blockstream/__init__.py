@@ -19,6 +19,7 @@ __all__ = [
     "BLOCK_SIZE_DEFAULT",
     "HASHES",
     "HASH_SIZE",
+    "MANIFEST_MAGIC",
     "BlockstreamError",
     "Cancelled",
     "Extent",
@@ -278,6 +279,8 @@ def hash_blocks(data: bytes, block_size: int, hash: str = "xxh128") -> bytes:
 # ---- manifest packing -------------------------------------------------------
 
 _MAGIC = b"BSMF"
+#: The first bytes of a packed manifest (its format: docs/blockstream.md "Manifest format").
+MANIFEST_MAGIC = _MAGIC
 _VERSION = 1
 # magic, version, flags, hash name, block_size, disk_size, entries
 _HEADER = struct.Struct("<4sHH8sIQQ")

@@ -470,6 +470,9 @@ class VerifyResult(Model):
     disks: dict[str, int] = Field(description="blocks checked per disk")
     mismatched_blocks: dict[str, list[int]] = Field(default_factory=dict)
     ok: bool
+    bytes_read: dict[str, int] = Field(
+        default_factory=dict, description="bytes read per disk: what the point holds; ranges "
+        "its export reports as reading zeros are checked against the zero-block hash unread")
 
 
 class BootInput(Model):
