@@ -14,6 +14,7 @@ streamer releases the GIL for the whole copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ from transcend.config import site_task_queue
 from transcend.models import (
     ChangeKind,
     Checkpoint,
+    DiskInfo,
     FreezeOptions,
     FrozenHandle,
     NbdEndpoint,
@@ -404,17 +406,17 @@ class CycleActivities:
             raise ApplicationError(
                 f"copying disk {inp.disk} failed at {e}", type="StreamError"
             ) from e
-        await asyncio.to_thread(_write_atomic, mpath,
-                                blockstream.pack_manifest(bytes(manifest), block_size=inp.block_size))
-        # The target site's verify and commit may run on another host: they read the
-        # manifest from the shared catalog, not from this host's file.
         # Packed (zstd): a 1 TiB disk's manifest is 256 MiB raw, mostly the same zero-block
-        # hash, and a few KiB packed; the catalog is not a bus for the raw array.
-        await asyncio.to_thread(
-            lambda: self.ctx.catalog.stage_manifest(
-                inp.ctx.protection, inp.ctx.cycle_id, inp.disk,
-                blockstream.pack_manifest(bytes(manifest), block_size=inp.block_size,
-                                          disk_size=stream.disk_size)))
+        # hash, and a few KiB packed; the catalog is not a bus for the raw array. The
+        # target site's verify and commit may run on another host: they read it from
+        # the shared catalog, not from this host's file.
+        packed, raw_sha = await asyncio.to_thread(
+            lambda: (blockstream.pack_manifest(bytes(manifest), block_size=inp.block_size,
+                                               disk_size=stream.disk_size),
+                     hashlib.sha256(manifest).hexdigest()))
+        await asyncio.to_thread(_write_atomic, mpath, packed)
+        await asyncio.to_thread(self.ctx.catalog.stage_manifest, inp.ctx.protection,
+                                inp.ctx.cycle_id, inp.disk, packed)
         # Every attempt's bytes count (a killed one's as far as its last progress record
         # says): the cycle record, the SLA report and the metrics see what really moved.
         written = resent.written + final.bytes_written
@@ -434,6 +436,7 @@ class CycleActivities:
             resumed_from=resume_from,
             bytes_resent=resent.resent,
             manifest_file=str(mpath),
+            manifest_sha256=raw_sha,
         )
 
     def _keep_durable(self, inp: StreamInput, stream: blockstream.Stream, mpath: Path,
@@ -625,14 +628,34 @@ class CycleActivities:
         return self.ctx.source(inp.ctx.source.name).reopen(inp.frozen).new_checkpoints()
 
     def _staged_manifest(self, ctx: CycleContext, disk: str, manifest_file: str) -> bytes:
-        """The manifest ``stream.disk`` made, from the catalog (it may have run on another
-        host); a cycle streamed by an older worker left only its file."""
+        """The manifest ``stream.disk`` made, raw."""
+        return _unpacked(self._staged_as_stored(ctx, disk, manifest_file))
+
+    def _staged_as_stored(self, ctx: CycleContext, disk: str, manifest_file: str) -> bytes:
+        """The manifest ``stream.disk`` made, as staged (packed; raw from older workers),
+        from the catalog (it may have run on another host); a cycle streamed by an older
+        worker left only its file."""
         try:
-            return _unpacked(self.ctx.catalog.staged_manifest(ctx.protection, ctx.cycle_id, disk))
+            return self.ctx.catalog.staged_manifest(ctx.protection, ctx.cycle_id, disk)
         except NotFoundError:
             path = Path(manifest_file) if manifest_file else _manifest_path(
                 self.ctx.settings.home, ctx.protection, ctx.cycle_id, disk)
-            return _unpacked(path.read_bytes())
+            return path.read_bytes()
+
+    def _point_manifest(self, inp: CommitInput, s: StreamResult, disk: DiskInfo
+                        ) -> tuple[bytes, str]:
+        """(packed manifest, sha256 of the raw one) for the point: the staged bytes as
+        they are when the stream packed them and said their raw digest (no unpack and
+        repack of a terabyte's 256 MiB), else packed here."""
+        staged = self._staged_as_stored(inp.ctx, s.disk, s.manifest_file)
+        if s.manifest_sha256 and staged[:4] == blockstream.MANIFEST_MAGIC:
+            with contextlib.suppress(blockstream.ManifestError):
+                info = blockstream.manifest_info(staged)
+                if info["block_size"] == inp.block_size and info["disk_size"] == disk.size:
+                    return staged, s.manifest_sha256
+        raw = _unpacked(staged)
+        return (blockstream.pack_manifest(raw, block_size=inp.block_size, disk_size=disk.size),
+                hashlib.sha256(raw).hexdigest())
 
     # ------------------------------------------------------------------ commit
 
@@ -662,23 +685,20 @@ class CycleActivities:
             bytes_written=sum(s.bytes_written for s in inp.streams),
             checkpoints=self._new_checkpoints(inp),
         )
-        manifests = {s.disk: self._staged_manifest(inp.ctx, s.disk, s.manifest_file)
-                     for s in inp.streams}
+        streams = {s.disk: s for s in inp.streams}
+        manifests = {d.id: self._point_manifest(inp, streams[d.id], d) for d in inp.staging.disks}
         locations = staging.commit(meta)
         packed = {}
         disks = []
         for disk, location in zip(inp.staging.disks, locations, strict=True):
-            raw = manifests[disk.id]
-            packed[disk.id] = blockstream.pack_manifest(
-                raw, block_size=inp.block_size, disk_size=disk.size
-            )
+            packed[disk.id], raw_sha = manifests[disk.id]
             disks.append(
                 PointDisk(
                     disk=disk.id,
                     size=disk.size,
                     location=location,
                     block_size=inp.block_size,
-                    manifest_sha256=hashlib.sha256(raw).hexdigest(),
+                    manifest_sha256=raw_sha,
                 )
             )
         now = datetime.now(UTC)

@@ -29,6 +29,7 @@ __all__ = [
     "block_status",
     "copy",
     "hash_blocks",
+    "manifest_info",
     "manifest_size",
     "pack_manifest",
     "plan_extents",
@@ -319,13 +320,14 @@ def pack_manifest(
     return header + compressed
 
 
-def unpack_manifest(packed: bytes) -> tuple[bytearray, dict[str, Any]]:
-    """Inverse of pack_manifest.  Raises ManifestError on any corruption."""
-    packed = bytes(packed)
+def manifest_info(packed: bytes) -> dict[str, Any]:
+    """The header of a packed manifest (version, hash, block_size, disk_size, entries),
+    checked (checksum, magic, geometry) without decompressing the entries. Raises
+    ManifestError like unpack_manifest."""
     hsize = _HEADER.size + _CHECK.size
     if len(packed) < hsize:
         raise ManifestError("packed manifest is truncated")
-    header = packed[: _HEADER.size]
+    header = bytes(packed[: _HEADER.size])
     (check,) = _CHECK.unpack_from(packed, _HEADER.size)
     if _c.xxh64(header) != check:
         raise ManifestError("packed manifest header checksum mismatch")
@@ -343,17 +345,19 @@ def unpack_manifest(packed: bytes) -> tuple[bytearray, dict[str, Any]]:
         raise ManifestError(f"bad manifest geometry: {e}") from None
     if want != entries * HASH_SIZE:
         raise ManifestError("manifest entry count does not match disk_size/block_size")
+    return {"version": version, "hash": hash, "block_size": block_size,
+            "disk_size": disk_size, "entries": entries}
+
+
+def unpack_manifest(packed: bytes) -> tuple[bytearray, dict[str, Any]]:
+    """Inverse of pack_manifest.  Raises ManifestError on any corruption."""
+    packed = bytes(packed)
+    info = manifest_info(packed)
     try:
-        data = _c.zstd_decompress(packed[hsize:], want)
+        data = _c.zstd_decompress(packed[_HEADER.size + _CHECK.size:],
+                                  info["entries"] * HASH_SIZE)
     except ValueError as e:
         raise ManifestError(f"packed manifest body is corrupt: {e}") from None
-    info = {
-        "version": version,
-        "hash": hash,
-        "block_size": block_size,
-        "disk_size": disk_size,
-        "entries": entries,
-    }
     return bytearray(data), info
 
 

@@ -379,6 +379,9 @@ class StreamResult(Model):
                                   "an older worker, whose bytes_read was only that)")
     attempt_bytes_written: int | None = None
     manifest_file: str
+    manifest_sha256: str = Field(
+        default="", description="sha256 of the raw manifest the stream staged (packed): "
+        "commit stores the staged bytes as they are; empty from older workers")
 
 
 class VerifySampleInput(Model):
