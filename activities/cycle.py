@@ -86,13 +86,13 @@ STREAM_REQUEST = 4 << 20  # blockstream's default max_request
 HEARTBEAT_EVERY = 2.0
 
 
-def _unpacked(staged: bytes) -> bytes:
+def _unpacked(staged: bytes) -> bytes | bytearray:
     """A staged manifest as the raw array: packed by this version, raw from workers
     before it (a cycle that spans the upgrade)."""
     if staged[:4] != blockstream.MANIFEST_MAGIC:
         return staged
     try:
-        return bytes(blockstream.unpack_manifest(staged)[0])
+        return blockstream.unpack_manifest(staged)[0]
     except blockstream.ManifestError:
         return staged  # a raw array that happens to start like a header
 
@@ -166,13 +166,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def resize_manifest(manifest: bytearray, disk_size: int, block_size: int) -> bytearray:
     """Grow (or shrink) a manifest to a new disk size; new blocks are zero blocks."""
     want = blockstream.manifest_size(disk_size, block_size)
-    zero = blockstream.zero_manifest(disk_size, block_size)
     if len(manifest) == want:
         # The last block's hash depends on its length: recompute if the size changed
         # within the last block. Same length and same size: nothing to do.
         return manifest
     keep = min(len(manifest), want) - blockstream.HASH_SIZE  # last old block may be partial
-    out = bytearray(zero)
+    out = blockstream.zero_manifest(disk_size, block_size)
     if keep > 0:
         out[:keep] = manifest[:keep]
     return out
@@ -352,7 +351,7 @@ class CycleActivities:
             await asyncio.to_thread(_close_all, frozen, staging)
 
     async def _run_stream(self, inp: StreamInput, stream: blockstream.Stream, manifest: bytearray,
-                          original: bytes, mpath: Path, changes: ChangeSet,
+                          original: bytes | bytearray, mpath: Path, changes: ChangeSet,
                           resume_from: int, uris: dict[str, str],
                           resent: Attempts) -> StreamResult:
         started = time.monotonic()
@@ -411,7 +410,7 @@ class CycleActivities:
         # target site's verify and commit may run on another host: they read it from
         # the shared catalog, not from this host's file.
         packed, raw_sha = await asyncio.to_thread(
-            lambda: (blockstream.pack_manifest(bytes(manifest), block_size=inp.block_size,
+            lambda: (blockstream.pack_manifest(manifest, block_size=inp.block_size,
                                                disk_size=stream.disk_size),
                      hashlib.sha256(manifest).hexdigest()))
         await asyncio.to_thread(_write_atomic, mpath, packed)
@@ -440,7 +439,7 @@ class CycleActivities:
         )
 
     def _keep_durable(self, inp: StreamInput, stream: blockstream.Stream, mpath: Path,
-                      manifest: bytearray, original: bytes, saved_at: int, started: float,
+                      manifest: bytearray, original: bytes | bytearray, saved_at: int, started: float,
                       resent: Attempts, pull: bool) -> int:
         """After a failed or cancelled run: save the partial manifest up to the final
         durable offset and heartbeat it (with what the next attempt sends again)."""
@@ -476,7 +475,7 @@ class CycleActivities:
 
     def _prepare_stream(
         self, inp: StreamInput, resume_from: int
-    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int, Frozen | None,
+    ) -> tuple[blockstream.Stream, bytearray, bytes | bytearray, Path, ChangeSet, int, Frozen | None,
                Staging | None]:
         frozen: Frozen | None = None
         staging: Staging | None = None
@@ -514,7 +513,7 @@ class CycleActivities:
     def _plan_stream(
         self, inp: StreamInput, resume_from: int, changes: ChangeSet, src: NbdEndpoint,
         dst: NbdEndpoint
-    ) -> tuple[blockstream.Stream, bytearray, bytes, Path, ChangeSet, int]:
+    ) -> tuple[blockstream.Stream, bytearray, bytes | bytearray, Path, ChangeSet, int]:
         disk_size = src.size
         mpath = _manifest_path(self.ctx.settings.home, inp.ctx.protection, inp.ctx.cycle_id, inp.disk)
         kind = changes.summary.kind
@@ -550,7 +549,7 @@ class CycleActivities:
         return stream, manifest, original, mpath, changes, resume_from
 
     def _base_manifest(self, inp: StreamInput, kind: ChangeKind, disk_size: int,
-                       dst: NbdEndpoint) -> bytes:
+                       dst: NbdEndpoint) -> bytes | bytearray:
         """The manifest the copy starts from: the previous point's (the copy updates
         the blocks it touches) or all zero blocks for a disk seen the first time."""
         last = inp.ctx.last_point
@@ -558,9 +557,11 @@ class CycleActivities:
             packed = self.ctx.catalog.manifest(last.id, inp.disk)
             manifest, header = blockstream.unpack_manifest(packed)
             if header.get("block_size") != inp.block_size:
-                return bytes(self._rehash(inp, dst, disk_size, int(header.get("block_size", 0))))
-            return bytes(resize_manifest(manifest, disk_size, inp.block_size))
-        return bytes(blockstream.zero_manifest(disk_size, inp.block_size))
+                return self._rehash(inp, dst, disk_size, int(header.get("block_size", 0)))
+            # read-only from here (the copy's live manifest is a copy of it): no bytes()
+            # copy of what is 256 MiB for a terabyte
+            return resize_manifest(manifest, disk_size, inp.block_size)
+        return blockstream.zero_manifest(disk_size, inp.block_size)
 
     def _rehash(self, inp: StreamInput, dst: NbdEndpoint, disk_size: int, was: int) -> bytearray:
         """The target now writes in units the previous point's manifest blocks are not a
@@ -578,7 +579,7 @@ class CycleActivities:
 
     @staticmethod
     def _save_partial(
-        path: Path, live: bytearray, original: bytes, durable: int, block_size: int
+        path: Path, live: bytearray, original: bytes | bytearray, durable: int, block_size: int
     ) -> None:
         # Entries below the durable offset are final; above it the copy may have
         # hashed blocks whose writes are not flushed yet, so the original entries are
@@ -610,7 +611,7 @@ class CycleActivities:
             staging.close()  # the NBD server endpoint() started, if the target starts one
         return VerifySampleResult(disk=inp.disk, blocks_checked=len(picks), mismatches=mismatches)
 
-    def _check_blocks(self, uri: str, size: int, expected: bytes, picks: list[int],
+    def _check_blocks(self, uri: str, size: int, expected: bytes | bytearray, picks: list[int],
                       block_size: int) -> list[int]:
         try:
             return check_blocks(uri, size, expected, picks, block_size)
@@ -627,7 +628,8 @@ class CycleActivities:
             return inp.checkpoints
         return self.ctx.source(inp.ctx.source.name).reopen(inp.frozen).new_checkpoints()
 
-    def _staged_manifest(self, ctx: CycleContext, disk: str, manifest_file: str) -> bytes:
+    def _staged_manifest(self, ctx: CycleContext, disk: str, manifest_file: str
+                         ) -> bytes | bytearray:
         """The manifest ``stream.disk`` made, raw."""
         return _unpacked(self._staged_as_stored(ctx, disk, manifest_file))
 
@@ -897,7 +899,8 @@ def _progress_details(p: blockstream.Progress, durable: int, started: float,
     }
 
 
-def check_blocks(uri: str, size: int, expected: bytes, blocks: list[int], block_size: int) -> list[int]:
+def check_blocks(uri: str, size: int, expected: bytes | bytearray, blocks: list[int],
+                 block_size: int) -> list[int]:
     """Hash the given blocks of an export and return those that differ from ``expected``."""
     if not blocks:
         return []

@@ -864,10 +864,12 @@ mod_zstd_decompress (PyObject *m, PyObject *args)
                      "zstd frame is corrupt or has the wrong size");
     goto done;
   }
-  out = PyBytes_FromStringAndSize (NULL, (Py_ssize_t) want);
+  /* a bytearray: the caller (unpack_manifest) hands it out as the mutable manifest,
+   * and a terabyte's 256 MiB is not copied again to get one */
+  out = PyByteArray_FromStringAndSize (NULL, (Py_ssize_t) want);
   if (out == NULL)
     goto done;
-  char *dst = PyBytes_AS_STRING (out);
+  char *dst = PyByteArray_AS_STRING (out);
   Py_BEGIN_ALLOW_THREADS
   r = ZSTD_decompress (dst, want, data.buf, data.len);
   Py_END_ALLOW_THREADS
