@@ -303,13 +303,15 @@ def test_nbdkit_x509_with_peer_verification(good: Path, other: Path, image: tupl
         e = _refused(d.uri_with(TlsX509(server_dir=other, client_dir=_site(other, "site-a"))))
         assert "certificate" in e.nbd_error.lower()
         # site A's CA but no client certificate: nbdkit --tls-verify-peer refuses; the
-        # client sees the TLS session torn down, the server log says why
+        # client sees the TLS session torn down (as a gnutls error or, when the server's
+        # close wins the race, as the socket closed), the server log says why
         bare = tmp_path / "bare"
         bare.mkdir()
         shutil.copy(_site(good, "site-a") / "ca-cert.pem", bare)
         r = subprocess.run(["nbdcopy", "--", d.uri_with(TlsX509(bare, bare)), "null:"],
                            capture_output=True, text=True, timeout=30)
-        assert r.returncode != 0 and "gnutls" in r.stderr
+        assert r.returncode != 0, r
+        assert "gnutls" in r.stderr or "server closed socket unexpectedly" in r.stderr, r.stderr
         assert "error in the certificate" in _server_log(d, "error in the certificate")
 
 
