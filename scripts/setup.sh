@@ -9,7 +9,7 @@ DEBS=(
   # build: the C extension and libvirt-python
   gcc pkg-config python3-dev libnbd-dev libzstd-dev libxxhash-dev libssl-dev libvirt-dev
   # data path and platforms
-  libnbd-bin nbdkit qemu-utils qemu-system-x86 qemu-block-extra
+  libnbd-bin nbdkit nbdkit-plugin-python qemu-utils qemu-system-x86 qemu-block-extra
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu dnsmasq-base iproute2
   # packet loss between the test sites where the kernel has no netem (tests/harness/netns.py)
   nftables iputils-ping
