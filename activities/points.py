@@ -10,9 +10,10 @@ from temporalio import activity
 import blockstream
 from activities.context import ActivityContext, in_thread, permanent
 from connectors.base import PermanentError
+from connectors.registry import declared_capabilities
 from transcend.api import BootInput, BootResult, VerifyInput, VerifyResult
-from transcend.guestprep import GuestPrep, ReIpRule
-from transcend.models import BootSpec, PlatformInfo, PlatformKind, ProtectionPolicy
+from transcend.guestprep import CONVERTS_TO, GuestPrep, ReIpRule
+from transcend.models import BootSpec, PlatformInfo, ProtectionPolicy
 
 
 class PointActivities:
@@ -116,12 +117,14 @@ def reip_rules(given: list[ReIpRule], policy: ProtectionPolicy, *, test: bool) -
 def guest_prep_for(ctx: ActivityContext, source_platform: str, target_platform: str,
                    convert: str, reip: list[ReIpRule]) -> GuestPrep | None:
     """What a boot does to the guest first: conversion when asked, or ("auto") when the
-    guest comes from another hypervisor and the target is KVM (virt-v2v converts to
-    KVM only); the re-IP rules as given (the operation's, else the policy's)."""
+    guest comes from a platform whose guests need other drivers (``guest_family``) and
+    the converter can adapt it to the target's (virt-v2v converts to KVM's virtio
+    only: ``CONVERTS_TO``); the re-IP rules as given (the operation's, else the policy's)."""
     if convert == "auto":
-        source = ctx.catalog.get_platform(source_platform).kind
-        target = ctx.catalog.get_platform(target_platform).kind
-        needs = source != target and target == PlatformKind.KVM
+        source = declared_capabilities(ctx.catalog.get_platform(source_platform).kind, "source")
+        target = declared_capabilities(ctx.catalog.get_platform(target_platform).kind, "target")
+        needs = (source.guest_family != target.guest_family
+                 and target.guest_family in CONVERTS_TO)
     else:
         needs = convert == "always"
     prep = GuestPrep(convert=needs, reip=reip)

@@ -168,3 +168,24 @@ async def _reip(guest_image: GuestImage, stack: Stack, tmp_path: Path) -> None:
         assert "reip-conv" not in _domains()
         assert not (tmp_path / "replicas" / p / ".boot" / "reip-conv").exists()
         assert {d.disk: _sha256(d.location) for d in point.disks} == before
+
+
+def test_auto_conversion_follows_the_connectors_guest_families() -> None:
+    """``convert=auto`` converts a guest whose source platform needs other drivers than
+    the target's, when the converter can produce the target's (virt-v2v: KVM only)."""
+    from types import SimpleNamespace
+
+    from activities.points import guest_prep_for
+
+    kinds = {"esx": "vmware", "kvm1": "kvm", "kvm2": "kvm", "ec2": "aws"}
+    ctx = SimpleNamespace(catalog=SimpleNamespace(
+        get_platform=lambda name: SimpleNamespace(kind=kinds[name])))
+
+    def converts(src: str, dst: str) -> bool:
+        prep = guest_prep_for(ctx, src, dst, "auto", [])  # type: ignore[arg-type]
+        return prep is not None and prep.convert
+
+    assert converts("esx", "kvm1") and converts("ec2", "kvm1")
+    assert not converts("kvm1", "kvm2")      # same drivers
+    assert not converts("kvm1", "esx")       # virt-v2v cannot make a VMware guest
+    assert not converts("kvm1", "ec2")

@@ -32,7 +32,9 @@ def expect(condition: object, message: str) -> None:
 
 
 class SourceUnderTest(Protocol):
-    """A source connector with one VM of one ``DISK_SIZE`` disk to run the checks on."""
+    """A source connector with one VM of one ``DISK_SIZE`` disk to run the checks on (a
+    platform whose disks cannot be that small gives its size as ``disk_size``; the
+    writes stay in the first ``DISK_SIZE`` bytes)."""
 
     kind: str
     source: Source

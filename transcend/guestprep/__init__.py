@@ -46,6 +46,10 @@ CONFIG_GLOBS = (
 )
 MOUNTABLE = ("ext2", "ext3", "ext4", "xfs", "btrfs")
 LOG_TAIL = 4000
+#: Guest families (Capabilities.guest_family) a guest can be converted to before its
+#: first boot: virt-v2v-in-place installs virtio drivers (KVM, CloudStack, Nutanix AHV)
+#: and nothing else.
+CONVERTS_TO: frozenset[str] = frozenset({"kvm"})
 # An IPv4 address as a token: not part of a longer dotted number or a version string.
 IPV4 = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.]*\d)")
 
