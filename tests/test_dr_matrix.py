@@ -24,6 +24,7 @@ tests/test_dr_failover.py and tests/test_group_dr.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 from pathlib import Path
@@ -37,6 +38,7 @@ from connectors.registry import declared_capabilities, target_for
 from tests.harness.dr import result_despite_kill
 from tests.harness.drkit import MiB, Vm, apply, kit, vm_name
 from tests.harness.libvirtd import traversable
+from tests.harness.procs import command_lines, processes_mentioning
 from tests.harness.protect import (
     protection_spec,
     start_protection,
@@ -121,6 +123,23 @@ def test_replicate_test_failover_failover_failback(src_kind: str, dst_kind: str,
 
 async def _pair(src_kind: str, dst_kind: str, stack: Stack, tmp_path: Path,
                 vsphere: Any) -> None:
+    """The pair's run, then the protection removed (its running cycle ended, its
+    tracking forgotten) and nothing of it left running: no NBD server, no helper."""
+    handles: list[Any] = []
+    try:
+        await _pair_run(src_kind, dst_kind, stack, tmp_path, vsphere, handles)
+    finally:
+        for h in handles:
+            with contextlib.suppress(Exception):
+                await h.execute_update("remove")
+                await asyncio.wait_for(h.result(), 300)
+    # (the stack's own dev server and worker live under home/ and stop with the stack)
+    left = processes_mentioning(str(tmp_path), exclude=(str(tmp_path / "home"),))
+    assert left == [], {pid: command_lines().get(pid) for pid in left}
+
+
+async def _pair_run(src_kind: str, dst_kind: str, stack: Stack, tmp_path: Path,
+                    vsphere: Any, handles: list[Any]) -> None:
     cat = stack.catalog()
     client = await stack.client()
     p = f"mx-{src_kind}-{dst_kind}"
@@ -137,6 +156,7 @@ async def _pair(src_kind: str, dst_kind: str, stack: Stack, tmp_path: Path,
             sk.write(vm, 0, 8 * MiB + 100, _data(2, 5000))
             at_first = vm.sha256()
             handle = await start_protection(client, protection_spec(p, vm.name, "src", "dst"))
+            handles.append(handle)
             st = await wait_first_point(handle, 600)
             first = cat.get_point(st.last_point_id or "")
             assert first.kind == ChangeKind.FULL
