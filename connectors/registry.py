@@ -36,6 +36,7 @@ TargetFactory = Callable[[PlatformInfo, dict[str, str]], Target]
 _BUILTIN: dict[str, tuple[str, str]] = {
     "kvm": ("connectors.kvm.source:KvmSource", "connectors.kvm.target:KvmTarget"),
     "vmware": ("connectors.vmware.source:VmwareSource", "connectors.vmware.target:VmwareTarget"),
+    "aws": ("connectors.aws.source:AwsSource", "connectors.aws.target:AwsTarget"),
 }
 #: Kinds plugins may not register.
 BUILTIN: frozenset[str] = frozenset(_BUILTIN)

@@ -61,6 +61,7 @@ def serve_block_api(backend: str, params: dict[str, Any], *, writable: bool, wha
 
     def command(directory: Path, sock: Path) -> list[str]:
         cfg = {"backend": backend, "params": params, "sys_path": plugin_sys_path(),
+               "workers": connections,
                "python": sys.version_info[:2]}
         conf = write_secret(directory, "backend.json", json.dumps(cfg))
         return ["nbdkit", *([] if writable else ["--readonly"]), "--exit-with-parent",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 HOLE_ZERO = 3  # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
-CACHE_BLOCKS = 16
+CACHE_BLOCKS = 64
 
 
 class BlockBackend(Protocol):
@@ -41,7 +42,8 @@ class BlockBackend(Protocol):
 class BlockExport:
     """NBD semantics over a ``BlockBackend``: byte ranges to whole blocks."""
 
-    def __init__(self, backend: BlockBackend, *, cache_blocks: int = CACHE_BLOCKS) -> None:
+    def __init__(self, backend: BlockBackend, *, cache_blocks: int = CACHE_BLOCKS,
+                 workers: int = 16) -> None:
         self.backend = backend
         self.bs = backend.block_size
         self.size = backend.size
@@ -49,7 +51,10 @@ class BlockExport:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_blocks = cache_blocks
         self._lock = threading.Lock()
-        self._block_locks = [threading.Lock() for _ in range(64)]
+        self._block_locks = [threading.Lock() for _ in range(256)]  # read-modify-write
+        self._fetch_locks = [threading.Lock() for _ in range(256)]  # one fetch per block
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = workers
 
     # ------------------------------------------------------------------ blocks
 
@@ -76,11 +81,17 @@ class BlockExport:
             holds_data = index in self._allocated
         if not holds_data:
             return bytes(self.bs)
-        data = self.backend.read_block(index)
-        if len(data) != self.bs:
-            raise OSError(f"block {index} came back with {len(data)} bytes, not {self.bs}")
-        self._remember(index, data)
-        return data
+        # Requests smaller than a block arrive together on several connections: one
+        # fetch per block, the others wait for it and read the cache.
+        with self._fetch_locks[index % len(self._fetch_locks)]:
+            data = self._cached(index)
+            if data is not None:
+                return data
+            data = self.backend.read_block(index)
+            if len(data) != self.bs:
+                raise OSError(f"block {index} came back with {len(data)} bytes, not {self.bs}")
+            self._remember(index, data)
+            return data
 
     def _store(self, index: int, data: bytes) -> None:
         self.backend.write_block(index, data)
@@ -101,17 +112,39 @@ class BlockExport:
 
     # ------------------------------------------------------------------ NBD
 
-    def pread(self, buf: memoryview, offset: int) -> None:
-        pos = 0
-        for index, within, n in self._span(offset, len(buf)):
-            buf[pos:pos + n] = self.block(index)[within:within + n]
+    def _each(self, fn: Callable[[tuple[int, int, int, int]], None],
+              parts: list[tuple[int, int, int, int]]) -> None:
+        """``fn`` over a request's blocks, concurrently: a 4 MiB request is eight API calls,
+        and one slow (throttled, retried) call must not hold the others back."""
+        if len(parts) == 1:
+            fn(parts[0])
+            return
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="block")
+        for _ in self._pool.map(fn, parts):
+            pass
+
+    def _parts(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """(block index, offset within the block, length, offset within the request)."""
+        out, pos = [], 0
+        for index, within, n in self._span(offset, length):
+            out.append((index, within, n, pos))
             pos += n
+        return out
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        def read(part: tuple[int, int, int, int]) -> None:
+            index, within, n, pos = part
+            buf[pos:pos + n] = self.block(index)[within:within + n]
+        self._each(read, self._parts(offset, len(buf)))
 
     def pwrite(self, buf: memoryview, offset: int) -> None:
-        pos = 0
-        for index, within, n in self._span(offset, len(buf)):
+        def write(part: tuple[int, int, int, int]) -> None:
+            index, within, n, pos = part
             self._write_part(index, within, bytes(buf[pos:pos + n]))
-            pos += n
+        self._each(write, self._parts(offset, len(buf)))
 
     def _write_part(self, index: int, within: int, data: bytes) -> None:
         if within == 0 and len(data) == self.bs:

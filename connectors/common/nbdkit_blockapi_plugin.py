@@ -42,7 +42,7 @@ def config_complete() -> None:
 
     module, _, cls = str(cfg["backend"]).partition(":")
     backend = getattr(importlib.import_module(module), cls)(cfg["params"])
-    _export = BlockExport(backend)
+    _export = BlockExport(backend, workers=int(cfg.get("workers", 16)))
 
 
 def thread_model() -> int:

@@ -9,7 +9,9 @@ disk, and a way to write to that disk *as the guest would* while the VM runs:
   with the monitor's ``qemu-io`` command, so QEMU's dirty tracking sees them like
   guest writes;
 * VMware: a VM in the vCenter simulator, written in the data file of its current
-  disk backing (after a snapshot, the delta: the frozen base does not change).
+  disk backing (after a snapshot, the delta: the frozen base does not change);
+* AWS: an EC2 instance on the local EC2 + EBS direct model (tests/harness/aws/) with
+  one 1 GiB volume (EBS's smallest), written in the file behind the volume.
 
 Targets need no VM: the KVM target keeps qcow2 chains in a directory; the VMware
 target keeps a replica VM in the simulator, its disks written by qemu-nbd over their
@@ -121,8 +123,44 @@ def vmware_under_test(tmp: Path) -> Iterator[VmwareUnderTest]:
             Disconnect(si)
 
 
+@dataclass
+class AwsUnderTest:
+    kind: str
+    source: Source
+    workload: Workload
+    disk: DiskId
+    disk_size: int
+    sim: Any = field(repr=False)
+    volume: str = ""
+
+    def write(self, offset: int, length: int, pattern: int) -> None:
+        self.sim.write(self.volume, offset, bytes([pattern]) * length)
+
+
+def aws_platform(sim: Any, name: str, tmp: Path) -> tuple[PlatformInfo, dict[str, str]]:
+    """An AWS platform on the local EC2 + EBS direct model (tests/harness/aws/)."""
+    info = PlatformInfo(name=name, kind=PlatformKind.AWS, site="local", config={
+        "region": sim.region, "endpoint_url": sim.endpoint, "work_dir": str(tmp / "aws-work"),
+        "max_attempts": 20})
+    return info, {"access_key_id": sim.access_key, "secret_access_key": sim.secret_key}
+
+
+@contextlib.contextmanager
+def aws_under_test(tmp: Path) -> Iterator[AwsUnderTest]:
+    """An EC2 instance with one 1 GiB volume (EBS's smallest) on the local model, written
+    in the volume's file as the guest would."""
+    from tests.harness.aws import aws_sim
+
+    with aws_sim(tmp / "aws") as sim:
+        instance = sim.make_instance(f"conf-{os.getpid()}", volume_gib=[1])
+        source = source_for(*aws_platform(sim, "aws-src", tmp))
+        wl = source.workload(instance)
+        yield AwsUnderTest(kind="aws", source=source, workload=wl, disk=wl.disks[0].id,
+                           disk_size=wl.disks[0].size, sim=sim, volume=wl.disks[0].source)
+
+
 SOURCES: dict[str, Callable[[Path], contextlib.AbstractContextManager[SourceUnderTest]]] = {
-    "kvm": kvm_under_test, "vmware": vmware_under_test}
+    "kvm": kvm_under_test, "vmware": vmware_under_test, "aws": aws_under_test}
 
 
 @contextlib.contextmanager
@@ -164,5 +202,15 @@ def synthetic_target(tmp: Path) -> Iterator[Target]:
         yield synthetic.SyntheticTarget(info, {})
 
 
+@contextlib.contextmanager
+def aws_target(tmp: Path) -> Iterator[Target]:
+    """Points as EBS snapshot chains on the local EBS direct model."""
+    from tests.harness.aws import aws_sim
+
+    with aws_sim(tmp / "aws") as sim:
+        yield target_for(*aws_platform(sim, "aws-dst", tmp))
+
+
 TARGETS: dict[str, Callable[[Path], contextlib.AbstractContextManager[Target]]] = {
-    "kvm": kvm_target, "vmware": vmware_target, "synthetic": synthetic_target}
+    "kvm": kvm_target, "vmware": vmware_target, "synthetic": synthetic_target,
+    "aws": aws_target}
