@@ -116,8 +116,9 @@ class BlockExport:
               parts: list[tuple[int, int, int, int]]) -> None:
         """``fn`` over a request's blocks, concurrently: a 4 MiB request is eight API calls,
         and one slow (throttled, retried) call must not hold the others back."""
-        if len(parts) == 1:
-            fn(parts[0])
+        if len(parts) == 1 or self._workers <= 1:
+            for part in parts:
+                fn(part)
             return
         if self._pool is None:
             with self._lock:
