@@ -170,6 +170,28 @@ def original_changes(ctx: ActivityContext, record: FailoverRecord, fovm: FailedO
         frozen.close()
 
 
+def _clip(extents: Extents, size: int) -> Extents:
+    return [(o, min(n, size - o), f) for o, n, f in extents if o < size]
+
+
+def fit_to_original(alloc: Extents, dirty: Extents | None, size: int, orig_size: int,
+                    orig_disk: str) -> tuple[Extents, Extents | None, int]:
+    """A failed-over disk larger than the original's, because its platform rounds disk
+    sizes up (EBS volumes are whole GiB, so a 32 MiB disk recovered there is 1 GiB):
+    failed back as the original's first ``orig_size`` bytes, when nothing was written
+    beyond them (the guest never saw more, or the operator did not grow into it).
+    Anything else would lose data or leave stale bytes: refused, saying what to do."""
+    beyond = [(o, n) for o, n, f in alloc if not f & 2 and o + n > orig_size]
+    if orig_size < size and not beyond:
+        return _clip(alloc, orig_size), (_clip(dirty, orig_size) if dirty is not None
+                                         else None), orig_size
+    what = (f"holds data beyond the original's {orig_size} bytes (from offset "
+            f"{max(orig_size, beyond[0][0])})" if beyond and orig_size < size
+            else f"is {size} bytes, the original {orig_size}")
+    raise PermanentError(f"disk {orig_disk}: the failed-over disk {what}; grow the original's "
+                         "disk to the failed-over size, then fail back again")
+
+
 def sync_disk(src_uri: str, size: int, alloc: Extents, dirty: Extents | None, orig_disk: str,
               dst: DiskAccess, orig_dirty: dict[str, Extents] | None, result: FailbackPass,
               live: list[blockstream.Stream], granularity: int = GRANULARITY) -> None:
@@ -177,9 +199,7 @@ def sync_disk(src_uri: str, size: int, alloc: Extents, dirty: Extents | None, or
     of both sides' tracked changes, or every block whose hash differs where either
     side's tracking is unknown."""
     if dst.size != size:
-        raise PermanentError(
-            f"disk {orig_disk} of the original VM is {dst.size} bytes, the failed-over "
-            f"one {size}; resize the original to match, then fail back again")
+        alloc, dirty, size = fit_to_original(alloc, dirty, size, dst.size, orig_disk)
     if orig_dirty is not None and dirty is not None:
         fo_bytes = sum(n for _, n, f in dirty if f & 1)
         orig = orig_dirty.get(orig_disk, [])

@@ -136,3 +136,20 @@ async def _test_failover(guest_image: GuestImage, stack: Stack, tmp_path: Path) 
         # say the demo's, keeps it).
         assert not _exists("network", ISOLATED) or network_users(ISOLATED), "isolated network left"
         assert (await verify_point(client, point.id)).ok
+
+
+def test_a_failed_over_disk_rounded_up_by_its_platform_fails_back_to_the_original_size() -> None:
+    """EBS rounds a 32 MiB disk up to 1 GiB: failback writes the original's 32 MiB when
+    nothing lies beyond them, and refuses (saying what to do) when something does."""
+    from activities.failback import fit_to_original
+    from connectors.base import PermanentError
+
+    mib, gib = 1 << 20, 1 << 30
+    alloc = [(0, 2 * mib, 0), (2 * mib, gib - 2 * mib, 3)]
+    dirty = [(mib, 2 * mib, 1)]
+    a, d, size = fit_to_original(alloc, dirty, gib, 32 * mib, "vda")
+    assert size == 32 * mib and a == [(0, 2 * mib, 0), (2 * mib, 30 * mib, 3)] and d == dirty
+    with pytest.raises(PermanentError, match="holds data beyond the original's 33554432 bytes"):
+        fit_to_original([(0, mib, 0), (40 * mib, mib, 0)], None, gib, 32 * mib, "vda")
+    with pytest.raises(PermanentError, match="is 33554432 bytes, the original 1073741824"):
+        fit_to_original(alloc, None, 32 * mib, gib, "vda")
